@@ -1,0 +1,268 @@
+"""Checkpoint I/O in the Stable Diffusion layout: strict, lean on memory, written atomically.
+
+Reading never holds two full copies of the weights: the model is built with its parameters on the
+meta device, `.ckpt` tensors are memory-mapped and become the parameters themselves, and
+`.safetensors` tensors are read one at a time straight into the parameter dtype.
+"""
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from ldm.util import instantiate_from_config
+
+# Keys that real checkpoints carry and current code does not store; dropped on load.
+IGNORED_KEYS = frozenset(
+    {
+        # A constant arange(77); a non-persistent buffer since transformers 4.31.
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    }
+)
+EMA_PREFIX = "model_ema."
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the file."""
+
+
+class SafetensorsFile(Mapping):
+    """Lazy read access to a .safetensors file: the header is parsed once, and each tensor is
+    read with plain file reads (no mmap, so nothing of the file stays resident)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len <= 0 or 8 + header_len > size:
+                raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
+            header = json.loads(f.read(header_len))
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict = header
+        self.data_start = 8 + header_len
+        for key, entry in header.items():
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype")
+            if self.data_start + entry["data_offsets"][1] > size:
+                raise CheckpointError(f"{path}: truncated (tensor {key!r} ends past the file)")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            n = f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
+        if n != end - begin:
+            raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
+        return tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
+
+
+def _load_pickle(path: Path, unsafe_load: bool) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=not unsafe_load)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(
+            f"{path}: refused: it needs arbitrary unpickling, which can run code ({reason}). "
+            "Only if you trust the file, pass --unsafe_load"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ModuleNotFoundError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be read ({reason}); truncated or corrupt?") from None
+
+
+def read_checkpoint(path: str | os.PathLike, unsafe_load: bool = False) -> tuple[Mapping, dict]:
+    """(tensors, extras): the state dict as a lazy mapping, and everything else in the file
+    (`global_step`, training state, ...; for .safetensors the string metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        st = SafetensorsFile(path)
+        return st, dict(st.metadata)
+    obj = _load_pickle(path, unsafe_load)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    if "state_dict" in obj:
+        extras = {k: v for k, v in obj.items() if k != "state_dict"}
+        return obj["state_dict"], extras
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise CheckpointError(f"{path}: has no 'state_dict' (keys: {sorted(obj)[:8]})")
+
+
+def ema_key(key: str) -> str:
+    """`model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight`."""
+    return EMA_PREFIX + key[len("model.") :].replace(".", "")
+
+
+def _family(keys) -> str | None:
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "SD v2 (OpenCLIP text encoder)"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "SD v1 (CLIP text encoder)"
+    return None
+
+
+def _sample(keys, n: int = 3) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _source_keys(expected: Mapping, available: set[str], use_ema: bool, path) -> dict[str, str]:
+    """Which checkpoint entry fills each model key; raises on any mismatch, naming the keys."""
+    if use_ema and not any(k.startswith(EMA_PREFIX) for k in available):
+        raise CheckpointError(f"{path}: has no EMA weights (model_ema.*); load it without use_ema")
+
+    def source(key: str) -> str:
+        take_ema = use_ema and key.startswith("model.") and ema_key(key) in available
+        return ema_key(key) if take_ema else key
+
+    mapping = {key: source(key) for key in expected}
+    missing = [k for k, s in mapping.items() if s not in available]
+    used = set(mapping.values())
+    # The weights not chosen (EMA or not) and EMA bookkeeping are skipped on purpose.
+    skipped = (EMA_PREFIX, "model.diffusion_model.") if use_ema else (EMA_PREFIX,)
+    unexpected = [k for k in available - used if not k.startswith(skipped)]
+    if missing or unexpected:
+        model_family, file_family = _family(expected), _family(available)
+        hint = ""
+        if model_family and file_family and model_family != file_family:
+            hint = f"; the file is {file_family} but the config builds {model_family}"
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} keys missing from the file ({_sample(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_sample(unexpected)})")
+        raise CheckpointError(f"{path}: does not match the config: {'; '.join(parts)}{hint}")
+    return mapping
+
+
+def _shape(source: Mapping, key: str) -> tuple[int, ...]:
+    return source.shape(key) if isinstance(source, SafetensorsFile) else tuple(source[key].shape)
+
+
+def load_state_into(
+    model: nn.Module, source: Mapping, use_ema: bool = False, path: str | os.PathLike = "state"
+) -> None:
+    """Load a checkpoint state dict into `model`, strictly, assigning the tensors in place of the
+    model's (so parameters built on the meta device cost nothing) in the model's dtypes."""
+    expected = model.state_dict(keep_vars=True)
+    available = {k for k in source.keys() if k not in IGNORED_KEYS}
+    mapping = _source_keys(expected, available, use_ema, path)
+    wrong = [
+        f"{key} {tuple(_shape(source, src))} vs {tuple(expected[key].shape)}"
+        for key, src in mapping.items()
+        if _shape(source, src) != tuple(expected[key].shape)
+    ]
+    if wrong:
+        hint = f"; the file is {_family(available)}" if _family(available) else ""
+        raise CheckpointError(
+            f"{path}: {len(wrong)} tensors have other shapes than the config builds "
+            f"(file vs config: {_sample(wrong, 2)}){hint}"
+        )
+    state = {}
+    for key, src in mapping.items():
+        dtype = expected[key].dtype
+        if isinstance(source, SafetensorsFile):
+            state[key] = source.read(src, dtype)
+        else:
+            state[key] = source[src].to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+@contextmanager
+def empty_parameters():
+    """Modules built inside get their parameters on the meta device (no memory, no random init);
+    buffers stay real, so non-persistent buffers keep their computed values."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(
+                param.to("meta"), requires_grad=param.requires_grad
+            )
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_model_from_config(
+    config: Mapping,
+    ckpt: str | os.PathLike,
+    use_ema: bool = False,
+    unsafe_load: bool = False,
+) -> nn.Module:
+    """Build `config.model` and load `ckpt` into it (strict; EMA weights if `use_ema`)."""
+    source, _ = read_checkpoint(ckpt, unsafe_load=unsafe_load)
+    with empty_parameters():
+        model = instantiate_from_config(config["model"])
+    load_state_into(model, source, use_ema=use_ema, path=ckpt)
+    return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    """`write(tmp_path)`, fsync, then rename over `path`: a crash never leaves a half-written
+    file in place of a good one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
+    """torch.save, written atomically."""
+    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
+    """A .safetensors file, written atomically."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -1,0 +1,136 @@
+"""Reading photos from disk: which files count as images, and how any of them becomes RGB.
+
+Everything in the project that reads photos (DreamBooth data, prior-image sampling, evaluation) goes
+through `list_images` and `load_rgb`, so they all agree on what an image is and how it looks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
+# Pillow opens 16-bit grayscale as I;16*, and some older files and writers as 32-bit "I".
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# What a decoder can raise on a broken or unsupported file; anything else is a bug, not bad data.
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+)
+
+
+class DataError(ValueError):
+    """Training data that can't be used. The message is one line: the file or folder, then why."""
+
+    def __init__(self, where: str | Path, reason: object) -> None:
+        # Decoder messages sometimes span lines; the user should see exactly one.
+        text = " ".join(str(reason).split()) or type(reason).__name__
+        super().__init__(f"{where}: {text}")
+        self.where = str(where)
+
+
+def _is_image_file(path: Path) -> bool:
+    # Hidden files include macOS "._name.jpg" resource forks, which carry an image extension.
+    return (
+        path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    )
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly inside `folder`, sorted by name; other files and subfolders are skipped.
+
+    An empty list means no images; a missing folder is a DataError.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(folder, "folder does not exist")
+    if not folder.is_dir():
+        raise DataError(folder, "not a folder")
+    return sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode `path` fully, apply its EXIF orientation and convert it to 8-bit RGB.
+
+    Transparent pixels become white, 16-bit grayscale is scaled (not clipped) to 8 bits, and
+    CMYK, LAB, palette, 1-bit and grayscale images are converted. Raises DataError naming the file if
+    it can't be read.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()  # open() reads only the header; truncation shows when decoding
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except _DECODE_ERRORS as exc:
+        raise DataError(path, exc) from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_rgb(image)
+    if image.mode == "F":
+        raise ValueError("32-bit float pixels (mode F) have no defined range; save as 8 or 16 bit")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        # Transparent pixels often hold black or junk colour; show them as a white background.
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+    # convert("L") would clip at 255, turning every 16-bit value above 255 into white.
+    pixels = np.asarray(image, dtype=np.float64)
+    if pixels.min() < 0 or pixels.max() > 65535:
+        raise ValueError(f"{image.mode} pixels outside the 16-bit range 0..65535")
+    # 65535 / 257 == 255, so full scale maps to full scale.
+    return Image.fromarray(np.rint(pixels / 257).astype(np.uint8)).convert("RGB")
+
+
+def check_image_folder(folder: str | Path) -> list[Path]:
+    """List the images in `folder` and decode every one, so bad data stops a run before training.
+
+    Returns the sorted paths. Raises DataError (one line naming the folder or file) if the folder is
+    missing, holds no images, or any image can't be read.
+    """
+    paths = list_images(folder)
+    if not paths:
+        extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise DataError(folder, f"no image files ({extensions})")
+    for path in paths:
+        load_rgb(path)
+    return paths
+
+
+def resize_crop(
+    image: Image.Image, size: int, crop: tuple[float, float] | None = None
+) -> Image.Image:
+    """Resize the shorter side to `size` (bicubic, antialiased) and cut a `size` x `size` square.
+
+    `crop` is None for the center, or (x, y) in [0, 1) choosing the offset along each axis uniformly
+    among the possible ones.
+    """
+    width, height = image.size
+    scale = size / min(width, height)
+    # max() guards the shorter side against rounding a hair below `size`.
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+    width, height = new_size
+    if crop is None:
+        left, top = (width - size) // 2, (height - size) // 2
+    else:
+        left, top = int(crop[0] * (width - size + 1)), int(crop[1] * (height - size + 1))
+    return image.crop((left, top, left + size, top + size))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a float tensor [3, H, W] in [-1, 1], the range the autoencoder expects."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3]
+    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
