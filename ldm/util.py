@@ -3,6 +3,7 @@
 import importlib
 from collections.abc import Mapping
 
+import torch
 import torch.nn as nn
 
 
@@ -24,3 +25,28 @@ def instantiate_from_config(config: Mapping):
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+PRECISIONS = {
+    "32": None,
+    "full": None,
+    "16": torch.float16,
+    "fp16": torch.float16,
+    "autocast": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def precision_dtype(precision: str | int) -> torch.dtype | None:
+    """The autocast dtype of a precision setting; None means full float32."""
+    key = str(precision)
+    if key not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[key]
+
+
+def autocast(device: torch.device | str, precision: str | int):
+    """Mixed-precision context for `device`: autocast to fp16/bf16, or a no-op for "32"."""
+    dtype = precision_dtype(precision)
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)

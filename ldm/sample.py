@@ -1,0 +1,62 @@
+"""Text-to-image with DDIM and classifier-free guidance: the one path that txt2img, prior (class)
+image sampling, training-time sample grids and evaluation all use."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.util import autocast
+
+
+def seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Start noise [len(seeds), *shape], each sample from its own CPU generator: sample i is the
+    same whatever the batch it is drawn in, so interrupted runs resume to the same images."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[str],
+    x_T: torch.Tensor,
+    ddim_steps: int = 50,
+    scale: float = 7.5,
+    eta: float = 0.0,
+    negative_prompt: str = "",
+    precision: str = "autocast",
+    generator: torch.Generator | None = None,
+    verbose: bool = False,
+) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] for prompts [B] from start latents x_T [B, C, h, w].
+
+    The negative prompt (empty by default) is the unconditional conditioning of the guidance.
+    """
+    device = model.betas.device
+    with autocast(device, precision):
+        c = model.get_learned_conditioning(list(prompts))
+        uc = None
+        if scale != 1.0:
+            uc = model.get_learned_conditioning([negative_prompt] * len(prompts))
+        z, _ = DDIMSampler(model).sample(
+            S=ddim_steps,
+            batch_size=len(prompts),
+            shape=tuple(x_T.shape[1:]),
+            conditioning=c,
+            unconditional_guidance_scale=scale,
+            unconditional_conditioning=uc,
+            eta=eta,
+            x_T=x_T,
+            generator=generator,
+            verbose=verbose,
+        )
+        images = model.decode_first_stage(z.to(next(model.first_stage_model.parameters()).dtype))
+    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> RGB PIL images."""
+    array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
