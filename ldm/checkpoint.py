@@ -225,18 +225,29 @@ def empty_parameters():
         nn.Module.register_parameter = register
 
 
+def load_model(
+    model_config: Mapping,
+    ckpt: str | os.PathLike,
+    use_ema: bool = False,
+    unsafe_load: bool = False,
+) -> tuple[nn.Module, Mapping, dict]:
+    """Build a model from its config and load `ckpt` into it (strict; EMA weights if `use_ema`).
+    Returns the model, the checkpoint's lazy state dict and the file's other entries."""
+    source, extras = read_checkpoint(ckpt, unsafe_load=unsafe_load)
+    with empty_parameters():
+        model = instantiate_from_config(model_config)
+    load_state_into(model, source, use_ema=use_ema, path=ckpt)
+    return model, source, extras
+
+
 def load_model_from_config(
     config: Mapping,
     ckpt: str | os.PathLike,
     use_ema: bool = False,
     unsafe_load: bool = False,
 ) -> nn.Module:
-    """Build `config.model` and load `ckpt` into it (strict; EMA weights if `use_ema`)."""
-    source, _ = read_checkpoint(ckpt, unsafe_load=unsafe_load)
-    with empty_parameters():
-        model = instantiate_from_config(config["model"])
-    load_state_into(model, source, use_ema=use_ema, path=ckpt)
-    return model
+    """CompVis's entry point: build `config.model` and load `ckpt` into it."""
+    return load_model(config["model"], ckpt, use_ema=use_ema, unsafe_load=unsafe_load)[0]
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -249,6 +260,9 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Config-driven construction (CompVis's instantiate_from_config) and small helpers."""
 
 import importlib
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -20,7 +21,13 @@ def instantiate_from_config(config: Mapping):
     """Build `target(**params)` from a {"target": ..., "params": {...}} mapping."""
     if "target" not in config:
         raise KeyError(f"expected key 'target' to instantiate, got keys {list(config)}")
-    return get_obj_from_str(config["target"])(**config.get("params", {}))
+    target = get_obj_from_str(config["target"])
+    params = config.get("params", {}) or {}
+    try:  # check the arguments first, so a config typo is not mistaken for a bug inside
+        inspect.signature(target).bind(**params)
+    except TypeError as e:
+        raise ValueError(f"config for {config['target']}: {e}") from None
+    return target(**params)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

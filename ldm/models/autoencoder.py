@@ -39,6 +39,11 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
 
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent along each side (8 for Stable Diffusion)."""
+        return 2 ** (self.encoder.num_resolutions - 1)
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 

@@ -15,12 +15,16 @@ class DiagonalGaussianDistribution:
         self.std = torch.zeros_like(self.mean) if deterministic else torch.exp(0.5 * self.logvar)
         self.var = self.std**2
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A reparameterised sample mean + std * noise [B, C, h, w]."""
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * noise
+    def sample(
+        self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A reparameterised sample mean + std * noise [B, C, h, w]; `noise` may be given so
+        that the same draw can be replayed (training keys it by sample position)."""
+        if noise is None:
+            noise = torch.randn(
+                self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+            )
+        return self.mean + self.std * noise.to(self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean

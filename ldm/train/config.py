@@ -1,0 +1,194 @@
+"""The run configuration: YAML files merged in order, then `key.path=value` overrides.
+
+`model` is free-form (it is handed to `instantiate_from_config`); `data`, `prior` and `train` are
+checked against the schema below, so a misspelt or unknown key is an error, never a silent default.
+This is the one place where training settings and their defaults are defined.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line."""
+
+
+@dataclass
+class DataConfig:
+    instance_root: str | None = None  # --data_root
+    class_root: str | None = None  # --reg_data_root; None turns prior preservation off
+    token: str = "sks"  # --token: the rare identifier
+    class_word: str | None = None  # --class_word
+    instance_template: str = "a photo of {token} {class}"
+    class_template: str = "a photo of {class}"
+    size: int = 512
+    center_crop: bool = True
+    flip_p: float = 0.5
+    num_workers: int = 2
+
+
+@dataclass
+class PriorConfig:
+    """Class images sampled from the frozen model before training when the folder is short."""
+
+    num_class_images: int = 200
+    batch_size: int = 4
+    ddim_steps: int = 50
+    scale: float = 7.5
+    negative_prompt: str = ""
+    seed: int = 0  # image i uses seed + i
+
+
+@dataclass
+class SampleConfig:
+    """Sample grids logged during training; prompts are templates with {token} and {class}."""
+
+    every: int = 200  # 0 disables
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "a photo of {token} {class}",
+            "a photo of {token} {class} on the beach",
+            "a photo of {class}",
+        ]
+    )
+    n_per_prompt: int = 2
+    ddim_steps: int = 50
+    scale: float = 7.5
+    seed: int = 0
+    use_ema: bool = True  # sample with the EMA weights when EMA is on
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+
+
+@dataclass
+class TrainConfig:
+    actual_resume: str | None = None  # base weights (--actual_resume)
+    use_ema_weights: bool = False  # start from the base file's EMA weights
+    max_steps: int = 800
+    batch_size: int = 1  # instance images per process and micro-step (plus as many class images)
+    accumulate_grad_batches: int = 1
+    lr: float = 5.0e-6
+    scale_lr: bool = False  # lr x processes x batch_size x accumulate_grad_batches
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1.0e-2
+    eps: float = 1.0e-8
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    precision: str = "bf16"  # 32 | bf16 | 16 (fp16 with a GradScaler)
+    trainable: list[str] = field(default_factory=lambda: ["unet"])
+    prior_loss_weight: float = 1.0  # lambda; 0 turns prior preservation off
+    seed: int = 23
+    log_every: int = 10
+    val_every: int = 100  # 0 disables validation (and best.ckpt)
+    val_timesteps: int = 8
+    save_every: int = 500  # 0: only last.ckpt at the end
+    keep_last: int = 2  # step-numbered checkpoints kept
+    max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True  # encode images once (needs center_crop)
+    cache_text: bool = True  # encode prompts once when the text encoder is frozen
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    fused_backward: bool = False  # optimizer step inside backward, per parameter
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class RunSchema:
+    model: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def load_config(
+    bases: list[str | Path], overrides: list[str] = (), flags: dict | None = None
+) -> DictConfig:
+    """Merge the schema defaults, the YAML files in order, flag values (dotted keys), then the
+    `key.path=value` overrides; validate and return the resolved config."""
+    configs = [OmegaConf.structured(RunSchema)]
+    for base in bases:
+        if not Path(base).is_file():
+            raise ConfigError(f"{base}: no such config file")
+        try:
+            configs.append(OmegaConf.load(base))
+        except (OmegaConfBaseException, ValueError) as e:
+            raise ConfigError(f"{base}: {_one_line(e)}") from None
+    return merge_overrides(configs, overrides, flags)
+
+
+def merge_overrides(
+    configs: list, overrides: list[str] = (), flags: dict | None = None
+) -> DictConfig:
+    """Merge configs (the first carrying the schema) with flag values and dotlist overrides."""
+    flag_values = [f"{k}={v}" for k, v in (flags or {}).items() if v is not None]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    try:
+        cfg = OmegaConf.merge(*configs)
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([*flag_values, *overrides]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {_one_line(e)}") from None
+    if cfg.model is None:
+        raise ConfigError("config: no 'model' section (pass a base config with -b)")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks the schema's types cannot express."""
+    t = cfg.train
+    bad = [p for p in t.trainable if p not in TRAINABLE_PARTS]
+    if bad or not t.trainable:
+        raise ConfigError(f"train.trainable: {list(t.trainable)} (choose from {TRAINABLE_PARTS})")
+    if "text_encoder" in t.trainable and "token_embedding" in t.trainable:
+        raise ConfigError("train.trainable: text_encoder already trains the token embedding")
+    checks = {
+        "train.precision": str(t.precision) in ("32", "bf16", "16"),
+        "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
+        "train.optimizer": t.optimizer in ("adamw", "adamw8bit"),
+        "train.max_steps": t.max_steps > 0,
+        "train.batch_size": t.batch_size > 0,
+        "train.accumulate_grad_batches": t.accumulate_grad_batches > 0,
+        "train.val_timesteps": t.val_timesteps > 0,
+        "train.ema.decay": 0.0 <= t.ema.decay <= 1.0,
+        "train.prior_loss_weight": t.prior_loss_weight >= 0,
+        "data.flip_p": 0.0 <= cfg.data.flip_p <= 1.0,
+    }
+    wrong = [name for name, ok in checks.items() if not ok]
+    if wrong:
+        values = ", ".join(f"{name}={OmegaConf.select(cfg, name)!r}" for name in wrong)
+        raise ConfigError(f"config: invalid value {values}")
+    if t.fused_backward and (t.accumulate_grad_batches > 1 or t.grad_clip > 0):
+        raise ConfigError(
+            "train.fused_backward steps each parameter as its gradient arrives: it needs "
+            "accumulate_grad_batches=1 and grad_clip=0"
+        )
+
+
+def uses_prior(cfg: DictConfig) -> bool:
+    """Prior preservation is on when there is a class folder and a non-zero weight."""
+    return cfg.data.class_root is not None and cfg.train.prior_loss_weight > 0
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

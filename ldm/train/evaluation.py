@@ -1,0 +1,79 @@
+"""What the loop measures besides the training loss: a deterministic validation loss on the
+instance images (fixed timesteps, fixed noise) that picks `best.ckpt`, and sample grids for fixed
+prompts and seeds, so drift of the subject and of the class prior is visible over training."""
+
+import torch
+from torchvision.utils import make_grid
+
+from ldm.data.dreambooth import DreamBoothDataset, format_prompt
+from ldm.sample import generate, seeded_noise
+from ldm.train.batches import keyed_seed
+from ldm.util import autocast
+
+
+def prompt(template: str, token: str, class_word: str) -> str:
+    """A filled template with runs of spaces folded (class_word may be "" for ablations)."""
+    return " ".join(format_prompt(template, token, class_word).split())
+
+
+class Validation:
+    """Mean diffusion loss of every instance image (center crop, no flip, posterior mean) at
+    `num_timesteps` evenly spaced timesteps with noise fixed by (seed, image, timestep)."""
+
+    def __init__(self, model, dataset: DreamBoothDataset, num_timesteps: int, seed: int, device):
+        pixels = torch.stack(
+            [dataset.instance_pixels(i, flip=False) for i in range(len(dataset.instance_paths))]
+        )
+        dtype = next(model.first_stage_model.parameters()).dtype
+        with torch.no_grad():
+            posterior = model.encode_first_stage(pixels.to(device=device, dtype=dtype))
+        latents = model.scale_factor * posterior.mean.float()  # [N, C, h, w]
+        steps = torch.linspace(0, model.num_timesteps - 1, num_timesteps).round().long()
+        n = latents.shape[0]
+        # [N, C, h, w] -> [N * T, C, h, w], image-major
+        self.latents = latents.repeat_interleave(num_timesteps, dim=0)
+        self.t = steps.repeat(n).to(device)
+        self.noise = torch.stack(
+            [
+                torch.randn(
+                    latents.shape[1:],
+                    generator=torch.Generator().manual_seed(keyed_seed(seed, "val", i, j)),
+                )
+                for i in range(n)
+                for j in range(num_timesteps)
+            ]
+        ).to(device)
+        self.prompt = dataset.instance_prompt
+
+    @torch.no_grad()
+    def loss(self, model, precision: str, batch_size: int = 8) -> float:
+        total = 0.0
+        with autocast(self.t.device, precision):
+            cond = model.get_learned_conditioning([self.prompt])
+            for start in range(0, self.t.shape[0], batch_size):
+                part = slice(start, start + batch_size)
+                z = self.latents[part]
+                c = cond.expand(z.shape[0], -1, -1)
+                total += model.p_losses(z, c, self.t[part], noise=self.noise[part]).sum().item()
+        return total / self.t.shape[0]
+
+
+@torch.no_grad()
+def sample_grid(
+    model, sample_cfg, token: str, class_word: str, size: int, precision: str
+) -> torch.Tensor:
+    """A grid [3, H, W] in [0, 1]: one row per prompt, `n_per_prompt` fixed seeds per row."""
+    prompts = [prompt(p, token, class_word) for p in sample_cfg.prompts]
+    n = sample_cfg.n_per_prompt
+    f = model.first_stage_model.downsample_factor
+    seeds = [sample_cfg.seed + j for _ in prompts for j in range(n)]
+    x_T = seeded_noise(seeds, (model.channels, size // f, size // f))
+    images = generate(
+        model,
+        [p for p in prompts for _ in range(n)],
+        x_T,
+        ddim_steps=sample_cfg.ddim_steps,
+        scale=sample_cfg.scale,
+        precision=precision,
+    )
+    return make_grid(images.cpu(), nrow=n)

@@ -1,0 +1,229 @@
+"""The training loop on tiny configs: the loss, what trains, precision, EMA and caching."""
+
+import pytest
+import torch
+
+from ldm.checkpoint import load_model_from_config
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.sample import generate, seeded_noise
+from ldm.train.batches import LatentCache, PositionDataset, latents_of, stack_batch
+from ldm.train.loop import (
+    DreamBoothLoss,
+    TrainingError,
+    build_dataset,
+    build_model,
+    micro_steps,
+)
+from ldm.train.trainable import configure_trainable, identifier_token_ids
+
+from .train_helpers import CPU, base_checkpoint, metrics, run, small_config, weights
+
+SKS = 48136
+
+
+@pytest.fixture(scope="module")
+def class_root(tmp_path_factory):
+    """Two class images, sampled once by the first run and reused."""
+    return tmp_path_factory.mktemp("class_images")
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_prior_loss_is_instance_plus_lambda_prior_of_separate_computations(class_root):
+    cfg = small_config(class_root, "train.prior_loss_weight=0.5", "train.batch_size=2")
+    model = build_model(cfg, None, False)
+    for p in model.model.parameters():  # non-zero output layer, or every loss is mean(noise^2)
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    groups = configure_trainable(model, ["unet"], [SKS])
+    unet = groups[0]["params"]
+    torch.manual_seed(0)
+    batch = {
+        f"{k}_{n}": v
+        for k in ("instance", "class")
+        for n, v in (
+            ("moments", torch.randn(2, 8, 4, 4)),
+            ("t", torch.randint(0, 1000, (2,))),
+            ("noise", torch.randn(2, 4, 4, 4)),
+            ("eps", torch.randn(2, 4, 4, 4)),
+        )
+    }
+    cond = torch.randn(4, 77, 32)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    inst, prior = micro_steps(
+        DreamBoothLoss(model),
+        model,
+        iter([batch]),
+        lambda b: cond,
+        scaler,
+        cfg,
+        CPU,
+        ("instance", "class"),
+    )
+    grads = [p.grad.clone() for p in unet]
+    model.zero_grad(set_to_none=True)
+
+    def part(kind, c):
+        posterior = DiagonalGaussianDistribution(batch[f"{kind}_moments"])
+        z = model.scale_factor * posterior.sample(noise=batch[f"{kind}_eps"])
+        return model.p_losses(z, c, batch[f"{kind}_t"], batch[f"{kind}_noise"]).mean()
+
+    sep_inst, sep_prior = part("instance", cond[:2]), part("class", cond[2:])
+    (sep_inst + 0.5 * sep_prior).backward()
+    assert torch.allclose(inst, sep_inst.detach(), rtol=1e-5)
+    assert torch.allclose(prior, sep_prior.detach(), rtol=1e-5)
+    # Relative to the largest gradient: biases before a GroupNorm get only rounding noise.
+    scale = max(a.abs().max() for a in grads)
+    assert all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-5 * scale) for a, p in zip(grads, unet))
+
+
+@pytest.mark.parametrize(
+    "trainable, changed",
+    [
+        (["unet"], {"model."}),
+        (["unet", "text_encoder"], {"model.", "cond_stage_model."}),
+        (["token_embedding"], set()),
+    ],
+)
+def test_only_what_trains_changes_and_frozen_tensors_are_bitwise_unchanged(
+    tmp_path, class_root, trainable, changed
+):
+    base = base_checkpoint(tmp_path / "base.ckpt", small_config(class_root))
+    cfg = small_config(
+        class_root,
+        f"train.trainable=[{','.join(trainable)}]",
+        "train.max_steps=2",
+        f"train.actual_resume={base}",
+    )
+    before = _state(build_model(cfg, None, False))
+    _, folder = run(cfg, tmp_path)
+    after = weights(folder.last)
+    assert set(after) == set(before)
+    emb = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    for key, value in before.items():
+        moved = not torch.equal(after[key], value)
+        if trainable == ["token_embedding"] and key == emb:
+            rows = (after[key] != value).any(dim=1).nonzero().flatten().tolist()
+            assert rows == [SKS], rows  # only the identifier's row trained
+        elif any(key.startswith(prefix) for prefix in changed) and "model_ema" not in key:
+            continue  # trained: most of these move (zero-initialised layers may not in 2 steps)
+        else:
+            assert not moved, f"frozen {key} changed"
+    if "model." in changed:
+        assert not torch.equal(
+            after["model.diffusion_model.out.2.weight"],
+            before["model.diffusion_model.out.2.weight"],
+        )
+
+
+def test_fp16_skips_a_non_finite_step_and_counts_it(tmp_path, class_root, monkeypatch):
+    cfg = small_config(class_root, "train.precision=16", "train.save_every=1", "train.keep_last=5")
+    calls = {"n": 0}
+    forward = DreamBoothLoss.forward
+
+    def poisoned(self, z, cond, t, noise):
+        calls["n"] += 1
+        out = forward(self, z, cond, t, noise)
+        return out * float("inf") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(DreamBoothLoss, "forward", poisoned)
+    state, folder = run(cfg, tmp_path)
+    rows = metrics(tmp_path)
+    assert [r["skipped"] for r in rows] == ["0", "1", "1"]
+    assert state.skipped_steps == 1
+    step1 = weights(folder.checkpoints / "step=000001.ckpt")
+    step2 = weights(folder.checkpoints / "step=000002.ckpt")
+    step3 = weights(folder.checkpoints / "step=000003.ckpt")
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(step1[key], step2[key])  # the skipped step changed nothing
+    assert not torch.equal(step2[key], step3[key])
+
+
+def test_a_run_that_stays_non_finite_stops_keeping_the_last_good_checkpoint(
+    tmp_path, class_root, monkeypatch
+):
+    cfg = small_config(
+        class_root, "train.max_steps=6", "train.save_every=1", "train.max_nonfinite_steps=2"
+    )
+    calls = {"n": 0}
+    forward = DreamBoothLoss.forward
+
+    def poisoned(self, *args):
+        calls["n"] += 1
+        out = forward(self, *args)
+        return out * float("nan") if calls["n"] > 1 else out
+
+    monkeypatch.setattr(DreamBoothLoss, "forward", poisoned)
+    with pytest.raises(TrainingError, match="non-finite for 2 consecutive steps.*last.ckpt"):
+        run(cfg, tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (
+        last["global_step"] == 2
+    )  # saved after the first bad step, before the stop; finite weights
+    assert all(
+        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
+    )
+
+
+def test_bf16_on_cpu_trains_fp32_weights_and_keeps_frozen_weights_exact(tmp_path, class_root):
+    cfg = small_config(class_root, "train.precision=bf16", "train.max_steps=2")
+    before = _state(build_model(cfg, None, False))
+    state, folder = run(cfg, tmp_path)
+    after = weights(folder.last)
+    losses = [float(r["loss"]) for r in metrics(tmp_path)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert after["model.diffusion_model.out.2.weight"].dtype == torch.float32
+    vae = [k for k in before if k.startswith("first_stage_model.")]
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in vae)
+
+
+def test_ema_weights_are_saved_in_the_sd_layout_and_load_with_use_ema(tmp_path, class_root):
+    cfg = small_config(
+        class_root, "train.ema.enabled=true", "train.ema.decay=0.5", "train.max_steps=2"
+    )
+    _, folder = run(cfg, tmp_path)
+    sd = weights(folder.last)
+    key = "model.diffusion_model.out.2.weight"
+    ema_key = "model_ema.diffusion_modelout2weight"
+    assert ema_key in sd and "model_ema.num_updates" in sd
+    assert not torch.equal(sd[key], sd[ema_key])
+    ema_model = load_model_from_config(cfg, folder.last, use_ema=True)
+    assert torch.equal(ema_model.state_dict()[key], sd[ema_key])
+
+
+def test_run_checkpoint_loads_strictly_and_samples(tmp_path, class_root):
+    cfg = small_config(class_root, "train.max_steps=1")
+    _, folder = run(cfg, tmp_path)
+    raw = torch.load(folder.last, map_location="cpu", weights_only=True)
+    assert {"optimizer", "scaler", "lr_scheduler", "rng", "config", "global_step"} <= set(raw)
+    model = load_model_from_config(cfg, folder.last)
+    images = generate(
+        model, ["a photo of sks dog"], seeded_noise([0], (4, 4, 4)), ddim_steps=2, precision="32"
+    )
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_cached_latents_and_text_give_the_same_step_as_uncached(class_root):
+    cfg = small_config(class_root)
+    model = build_model(cfg, None, False).eval()
+    dataset = build_dataset(cfg)
+    cache = LatentCache(model, dataset, torch.device("cpu"))
+    kinds = ("instance", "class")
+    for position in (0, 1, 5):
+        plain = stack_batch([PositionDataset(dataset, 23, (4, 4, 4), 1000)[position]])
+        cached = stack_batch([PositionDataset(dataset, 23, (4, 4, 4), 1000, cache)[position]])
+        assert torch.equal(plain["instance_eps"], cached["instance_eps"])
+        assert torch.allclose(
+            latents_of(model, plain, kinds, CPU.device),
+            latents_of(model, cached, kinds, CPU.device),
+            atol=1e-5,
+        )
+
+
+def test_identifier_tokens():
+    cfg = small_config("unused")
+    model = build_model(cfg, None, False)
+    assert identifier_token_ids(model, "sks") == [SKS]
+    assert len(identifier_token_ids(model, "zwx qrt")) >= 2

@@ -1,0 +1,202 @@
+"""Whole runs through main.py: exact resume, stop signals, DDP equivalence, class-image sampling,
+the command line and the demo."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+from ldm.train import loop
+from ldm.train.loop import build_model
+from ldm.train.prior import missing_indices, sample_class_images
+from ldm.train.state import run_dir_of
+
+from .conftest import ROOT, build_tiny
+from .train_helpers import DEMO, base_checkpoint, metrics, small_config, small_overrides, weights
+
+
+@pytest.fixture(scope="module")
+def class_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("class_images")
+
+
+def only_run(logdir):
+    (folder,) = [p for p in logdir.iterdir() if p.is_dir()]
+    return folder
+
+
+def train_cli(logdir, class_root, *extra: str) -> int:
+    return main.main(
+        ["-b", str(DEMO), "-t", "-l", str(logdir), *small_overrides(class_root, *extra)]
+    )
+
+
+def test_resume_after_a_stop_signal_reproduces_the_uninterrupted_run(
+    tmp_path, class_root, monkeypatch
+):
+    extra = ("train.max_steps=4", "train.save_every=0", "train.ema.enabled=true", "data.flip_p=0.5")
+    assert train_cli(tmp_path / "full", class_root, *extra) == 0
+    full = only_run(tmp_path / "full")
+
+    periodic = loop.periodic
+
+    def signal_at_step_2(cfg, env, run, model, state, *args):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return periodic(cfg, env, run, model, state, *args)
+
+    monkeypatch.setattr(loop, "periodic", signal_at_step_2)
+    assert train_cli(tmp_path / "cut", class_root, *extra) == 0  # a stop signal exits cleanly
+    monkeypatch.setattr(loop, "periodic", periodic)
+    cut = only_run(tmp_path / "cut")
+    # The signal arrives during step 2's logging; the loop stops at its next check.
+    stopped = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert stopped in (2, 3) and len(metrics(cut)) == stopped
+
+    assert main.main(["-r", str(cut), "-t"]) == 0
+    assert metrics(cut) == metrics(full)  # per-step losses, lr, grad norms: bitwise as text
+    resumed, uninterrupted = (
+        weights(cut / "checkpoints" / "last.ckpt"),
+        weights(full / "checkpoints" / "last.ckpt"),
+    )
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_two_processes_of_batch_b_match_one_of_batch_2b(tmp_path, class_root):
+    base = base_checkpoint(tmp_path / "base.ckpt", small_config(class_root))
+    # eps well above rounding-level gradients, so Adam does not blow float noise up to lr-sized
+    # steps (it would for the biases before a GroupNorm, whose true gradient is zero).
+    extra = ["train.max_steps=2", "train.lr=1e-3", "train.eps=1e-4", f"train.actual_resume={base}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["-b", str(DEMO), "-t", "--device", "cpu", *small_overrides(class_root, *extra)]
+    one = [sys.executable, "main.py", "-l", str(tmp_path / "one"), *common, "train.batch_size=2"]
+    subprocess.run(one, cwd=ROOT, env=env, check=True, capture_output=True)
+    two = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "main.py", "-l", str(tmp_path / "two"), *common, "train.batch_size=1",
+    ]  # fmt: skip
+    subprocess.run(two, cwd=ROOT, env=env, check=True, capture_output=True)
+    a, b = only_run(tmp_path / "one"), only_run(tmp_path / "two")
+    for row_a, row_b in zip(metrics(a), metrics(b), strict=True):
+        for key in ("loss", "loss_instance", "loss_prior", "grad_norm"):
+            assert float(row_a[key]) == pytest.approx(float(row_b[key]), rel=1e-5), key
+    wa, wb = weights(a / "checkpoints" / "last.ckpt"), weights(b / "checkpoints" / "last.ckpt")
+    unet = [k for k in wa if k.startswith("model.diffusion_model.")]
+    diff = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in unet])
+    assert diff.max() < 1e-5  # 1% of one step; a real mismatch moves nearly every weight by ~lr
+    base = build_model(small_config(class_root, *extra), None, False).state_dict()
+    moved = torch.cat([(wa[k] - base[k]).abs().flatten() for k in unet])
+    assert moved.median() > 1e-4  # the weights did train
+
+
+def test_class_image_shortfall_is_filled_deterministically(tmp_path):
+    model = build_tiny("v1")
+    cfg = small_config(tmp_path / "unused")
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for name in ("mine_a.png", "mine_b.png"):  # the user's own class images count
+        (folder / name).write_bytes((ROOT / "data" / "demo" / "dog" / "00.jpg").read_bytes())
+    prior = cfg.prior
+    prior.num_class_images = 5
+    assert fill(model, folder, prior) == 3
+    generated = sorted(p.name for p in folder.glob("prior_*.png"))
+    assert generated == ["prior_00000.png", "prior_00001.png", "prior_00002.png"]
+    first = {name: (folder / name).read_bytes() for name in generated}
+    assert fill(model, folder, prior) == 0
+
+    # A rerun writes the same files, bit for bit.
+    for path in folder.glob("prior_*.png"):
+        path.unlink()
+    fill(model, folder, prior)
+    assert {name: (folder / name).read_bytes() for name in generated} == first
+
+    # An interrupted run resumes to the same images, and two ranks split the work to them; the
+    # batches differ then, which may move a pixel by a rounding step.
+    (folder / "prior_00001.png").unlink()
+    assert fill(model, folder, prior) == 1
+    assert same_pixels(folder / "prior_00001.png", first["prior_00001.png"])
+    split = tmp_path / "split"
+    split.mkdir()
+    prior.num_class_images = 3
+    todo = missing_indices(split, prior.num_class_images)
+    for rank in (1, 0):
+        sample_class_images(model, split, "a photo of dog", prior, 32, "32", todo[rank::2], False)
+    assert sorted(p.name for p in split.iterdir()) == generated
+    assert all(same_pixels(split / name, first[name]) for name in generated)
+
+
+def fill(model, folder, prior) -> int:
+    todo = missing_indices(folder, prior.num_class_images)
+    return sample_class_images(model, folder, "a photo of dog", prior, 32, "32", todo, False)
+
+
+def same_pixels(path, png: bytes) -> bool:
+    a = np.asarray(Image.open(path), dtype=np.int16)
+    b = np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+    return a.shape == b.shape and np.abs(a - b).max() <= 1
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    cases = [
+        (["-b", str(DEMO), "-t", "train.max_step=3"], "max_step"),
+        (["-b", str(tmp_path / "nope.yaml"), "-t"], "nope.yaml: no such config file"),
+        (["-b", str(DEMO), "-t", "train.precision=fp8"], "train.precision"),
+        (["-b", str(DEMO), "-t", "train.trainable=[vae]"], "train.trainable"),
+        (["-b", str(DEMO), "-t", "--data_root", str(tmp_path)], f"{tmp_path}"),
+        (["-r", str(tmp_path / "run"), "-b", str(DEMO)], "key=value"),
+        (["-t"], "pass a config with -b"),
+    ]
+    for argv, needle in cases:
+        assert main.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, (argv, err)
+
+
+def test_flags_map_to_config_keys(capsys):
+    args = ["-b", str(DEMO), "--scale_lr", "--class_word", "cat", "--token", "zwx", "-s", "7"]
+    assert main.main([*args, "train.max_steps=9"]) == 0  # without -t: prints the resolved config
+    out = capsys.readouterr().out
+    for line in ("scale_lr: true", "class_word: cat", "token: zwx", "seed: 7", "max_steps: 9"):
+        assert line in out
+    assert main.main(["-b", str(DEMO), "--scale_lr", "false"]) == 0
+    assert "scale_lr: false" in capsys.readouterr().out
+
+
+def test_resume_paths():
+    run, ckpt = run_dir_of("logs/x")
+    assert ckpt.parts[-2:] == ("checkpoints", "last.ckpt")
+    run, ckpt = run_dir_of("logs/x/checkpoints/step=000010.ckpt")
+    assert run.root.name == "x"
+
+
+def test_demo_command_end_to_end(tmp_path):
+    """The README's demo command (shortened by overrides), in a fresh process."""
+    command = [
+        sys.executable, "main.py", "--base", "configs/dreambooth/demo.yaml", "-t", "-l", str(tmp_path / "logs"),
+        f"data.class_root={tmp_path / 'class'}", "prior.num_class_images=2", "train.max_steps=4",
+        "train.save_every=2", "train.val_every=2", "train.sample.every=4", "train.sample.ddim_steps=2",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = only_run(tmp_path / "logs")
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    for expected in (
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "checkpoints/step=000002.ckpt",
+        "checkpoints/step=000004.ckpt",
+        "images/step=000004.png",
+        "metrics.csv",
+    ):
+        assert expected in names
+    assert any(n.startswith("configs/") and n.endswith("-project.yaml") for n in names)
+    assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
+    assert len(metrics(folder)) == 4
+    assert len(list((tmp_path / "class").glob("prior_*.png"))) == 2
