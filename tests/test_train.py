@@ -52,7 +52,7 @@ def test_prior_loss_is_instance_plus_lambda_prior_of_separate_computations(class
     }
     cond = torch.randn(4, 77, 32)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    inst, prior = micro_steps(
+    inst, prior, _ = micro_steps(
         DreamBoothLoss(model),
         model,
         iter([batch]),

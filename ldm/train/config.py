@@ -178,10 +178,12 @@ def validate(cfg: DictConfig) -> None:
     if wrong:
         values = ", ".join(f"{name}={OmegaConf.select(cfg, name)!r}" for name in wrong)
         raise ConfigError(f"config: invalid value {values}")
-    if t.fused_backward and (t.accumulate_grad_batches > 1 or t.grad_clip > 0):
+    if t.fused_backward and (
+        t.accumulate_grad_batches > 1 or t.grad_clip > 0 or str(t.precision) == "16"
+    ):
         raise ConfigError(
             "train.fused_backward steps each parameter as its gradient arrives: it needs "
-            "accumulate_grad_batches=1 and grad_clip=0"
+            "accumulate_grad_batches=1, grad_clip=0 and a precision other than 16"
         )
 
 

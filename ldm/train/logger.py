@@ -48,7 +48,10 @@ class RunLogger:
         """Write the pending steps (one host sync for all of them) and update the bar."""
         if not self.enabled or not self.pending:
             return
-        rows = [{k: float(v) for k, v in values.items()} for values in _to_host(self.pending)]
+        rows = [
+            {k: None if v is None else float(v) for k, v in values.items()}
+            for values in _to_host(self.pending)
+        ]
         self.pending = []
         for row in rows:
             self.csv.writerow([_fmt(row.get(k)) for k in PER_STEP])

@@ -30,7 +30,12 @@ from ldm.train.config import uses_prior
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import Validation, prompt, sample_grid
 from ldm.train.logger import RunLogger
-from ldm.train.optim import build_optimizer, build_scheduler, effective_lr
+from ldm.train.optim import (
+    FusedBackwardOptimizer,
+    build_optimizer,
+    build_scheduler,
+    effective_lr,
+)
 from ldm.train.prior import missing_indices, sample_class_images
 from ldm.train.state import (
     RunDir,
@@ -241,12 +246,14 @@ def restore(resume: Resume, optimizer, scheduler, scaler, ema, text_ema) -> Trai
 
 def micro_steps(ddp, model, batches, cond_of, scaler, cfg, env, kinds) -> tuple:
     """Forward and backward over `accumulate_grad_batches` micro-batches, gradients synced
-    (with DDP) only on the last. Returns the mean instance and prior losses (on device)."""
+    (with DDP) only on the last. Returns the mean instance and prior losses (on device), and
+    whether the loss was finite where that must be known before backward (fused_backward)."""
     tc = cfg.train
     n = tc.accumulate_grad_batches
     b = tc.batch_size
     loss_instance = torch.zeros((), device=env.device)
     loss_prior = torch.zeros((), device=env.device)
+    finite = True
     for micro in range(n):
         batch = next(batches)
         z = latents_of(model, batch, kinds, env.device)
@@ -258,14 +265,22 @@ def micro_steps(ddp, model, batches, cond_of, scaler, cfg, env, kinds) -> tuple:
             instance = per_sample[:b].mean()
             prior = per_sample[b:].mean() if len(kinds) == 2 else torch.zeros_like(instance)
             loss = instance + tc.prior_loss_weight * prior
-            scaler.scale(loss / n).backward()
+            # Backward steps the weights when fused: a non-finite loss must not get that far.
+            if tc.fused_backward:
+                finite = bool(torch.isfinite(loss))
+            if finite:
+                scaler.scale(loss / n).backward()
         loss_instance += instance.detach() / n
         loss_prior += prior.detach() / n
-    return loss_instance, loss_prior
+    return loss_instance, loss_prior, finite
 
 
 def optimizer_step(optimizer, scaler, scheduler, params, grad_clip: float) -> tuple:
     """Unscale, clip, step (skipped when the gradient is not finite). Returns (grad norm, finite)."""
+    if isinstance(optimizer, FusedBackwardOptimizer):  # stepped in backward; no full gradient
+        optimizer.step()  # a no-op that keeps the scheduler's step bookkeeping in order
+        scheduler.step()
+        return None, True
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     finite = bool(torch.isfinite(grad_norm))  # the one host sync of a step
@@ -311,6 +326,8 @@ def train(
     scaler = torch.amp.GradScaler(env.device.type, enabled=str(tc.precision) == "16")
     state = restore(resume, optimizer, scheduler, scaler, ema, text_ema) if resume else TrainState()
 
+    if tc.fused_backward and env.is_distributed:
+        raise TrainingError("train.fused_backward is single-process: DDP must see whole gradients")
     loss_module = DreamBoothLoss(model)
     if tc.compile:
         model.model.diffusion_model.compile()
@@ -327,8 +344,11 @@ def train(
     try:
         while state.step < tc.max_steps:
             lr = scheduler.get_last_lr()[0]
-            instance, prior = micro_steps(ddp, model, batches, cond_of, scaler, cfg, env, kinds)
+            instance, prior, loss_finite = micro_steps(
+                ddp, model, batches, cond_of, scaler, cfg, env, kinds
+            )
             grad_norm, finite = optimizer_step(optimizer, scaler, scheduler, params, tc.grad_clip)
+            finite = finite and loss_finite
             state.step += 1
             if finite:
                 state.nonfinite_run = 0
