@@ -36,3 +36,13 @@ def tiny_v1():
 @pytest.fixture(scope="session")
 def tiny_v2():
     return build_tiny("v2")
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py as a module, so tests call its main() in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
