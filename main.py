@@ -21,7 +21,8 @@ from ldm.checkpoint import CheckpointError, read_checkpoint
 from ldm.data.images import check_image_folder, list_images
 from ldm.train import distributed
 from ldm.train.config import ConfigError, RunSchema, load_config, merge_overrides, to_yaml
-from ldm.train.loop import Resume, TrainingError, train
+from ldm.train.loop import train
+from ldm.train.setup import Resume, TrainingError
 from ldm.train.state import new_run_dir, run_dir_of
 
 

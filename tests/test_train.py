@@ -7,13 +7,8 @@ from ldm.checkpoint import load_model_from_config
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.sample import generate, seeded_noise
 from ldm.train.batches import LatentCache, PositionDataset, latents_of, stack_batch
-from ldm.train.loop import (
-    DreamBoothLoss,
-    TrainingError,
-    build_dataset,
-    build_model,
-    micro_steps,
-)
+from ldm.train.loop import micro_steps
+from ldm.train.setup import DreamBoothLoss, TrainingError, build_dataset, build_model
 from ldm.train.trainable import configure_trainable, identifier_token_ids
 
 from .train_helpers import CPU, base_checkpoint, metrics, run, small_config, weights

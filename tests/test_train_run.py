@@ -14,8 +14,8 @@ from PIL import Image
 
 import main
 from ldm.train import loop
-from ldm.train.loop import build_model
 from ldm.train.prior import missing_indices, sample_class_images
+from ldm.train.setup import build_model
 from ldm.train.state import run_dir_of
 
 from .conftest import ROOT, build_tiny
@@ -47,10 +47,10 @@ def test_resume_after_a_stop_signal_reproduces_the_uninterrupted_run(
 
     periodic = loop.periodic
 
-    def signal_at_step_2(cfg, env, run, model, state, *args):
-        if state.step == 2:
+    def signal_at_step_2(cfg, env, run, session, *args):
+        if session.state.step == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return periodic(cfg, env, run, model, state, *args)
+        return periodic(cfg, env, run, session, *args)
 
     monkeypatch.setattr(loop, "periodic", signal_at_step_2)
     assert train_cli(tmp_path / "cut", class_root, *extra) == 0  # a stop signal exits cleanly
