@@ -9,7 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 def build_optimizer(
     groups: list[dict], train_cfg, lr: float, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), or bitsandbytes' 8-bit AdamW when `optimizer: adamw8bit`; with
+    """AdamW (fused), or bitsandbytes' 8-bit AdamW when `optimizer: adamw8bit`; with
     `fused_backward`, one of those per parameter, stepped inside backward."""
     kwargs = dict(
         lr=lr,
@@ -30,8 +30,11 @@ def build_optimizer(
             return bnb.optim.AdamW8bit(param_groups, **kwargs)
     else:
 
+        # One fused kernel per step (CUDA and, since torch 2.4, the CPU); elsewhere foreach.
+        fused = device.type in ("cuda", "cpu")
+
         def make(param_groups):
-            return torch.optim.AdamW(param_groups, fused=device.type == "cuda", **kwargs)
+            return torch.optim.AdamW(param_groups, fused=fused, foreach=not fused, **kwargs)
 
     if train_cfg.fused_backward:
         return FusedBackwardOptimizer([{**g, "lr": lr} for g in groups], make)
