@@ -87,6 +87,9 @@ def flag_values(args: argparse.Namespace) -> dict:
 
 def resolve(args, overrides: list[str]):
     """(config, run folder, resume) for a new run or a resumed one."""
+    # -b takes several files, so it swallows overrides that follow it: hand those back.
+    overrides = [b for b in args.base if "=" in b] + list(overrides)
+    args.base = [b for b in args.base if "=" not in b]
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"unrecognised arguments: {' '.join(bad)}")

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.util import autocast
+from ldm.util import autocast, precision_dtype
 
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -15,6 +15,19 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack(
         [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
     )
+
+
+def prepare_for_sampling(model, device: torch.device | str, precision: str = "full"):
+    """The model frozen, in eval mode, on `device`. On CUDA with fp16/bf16 the networks are cast
+    to that dtype (half the memory, and autocast no longer re-casts every weight at every step);
+    the schedule buffers stay float32, so the DDIM maths is unchanged."""
+    model.eval().requires_grad_(False)
+    dtype = precision_dtype(precision)
+    # Not on CPU: its autocast leaves GroupNorm's half weights against float32 inputs.
+    if dtype is not None and torch.device(device).type == "cuda":
+        for net in (model.model, model.first_stage_model, model.cond_stage_model):
+            net.to(device=device, dtype=dtype)
+    return model.to(device)
 
 
 @torch.no_grad()

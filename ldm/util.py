@@ -1,5 +1,6 @@
 """Config-driven construction (CompVis's instantiate_from_config) and small helpers."""
 
+import hashlib
 import importlib
 import inspect
 from collections.abc import Mapping
@@ -57,3 +58,9 @@ def autocast(device: torch.device | str, precision: str | int):
     dtype = precision_dtype(precision)
     device_type = torch.device(device).type
     return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+
+def keyed_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints and strings, stable across runs and machines."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

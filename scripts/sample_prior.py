@@ -17,11 +17,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointError, load_model_from_config
-from ldm.data.dreambooth import DEFAULT_CLASS_TEMPLATE
+from ldm.data.dreambooth import DEFAULT_CLASS_TEMPLATE, format_prompt
 from ldm.sample import prepare_for_sampling
 from ldm.train import distributed
 from ldm.train.config import PriorConfig
-from ldm.train.evaluation import prompt
 from ldm.train.prior import missing_indices, sample_class_images
 
 
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         todo = missing_indices(Path(args.outdir), args.num)
         distributed.barrier(env)  # every rank has listed the folder before any rank writes
-        class_prompt = prompt(args.template, "", args.class_word)
+        class_prompt = format_prompt(args.template, "", args.class_word)
         wrote = sample_class_images(
             model, args.outdir, class_prompt, prior, args.size, precision,
             todo[env.rank :: env.world_size], progress=env.is_main,

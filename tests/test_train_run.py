@@ -144,6 +144,8 @@ def same_pixels(path, png: bytes) -> bool:
 
 
 def test_config_errors_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(DEMO.read_text().replace("scale_factor: 0.18215", "scale_factor: ???"))
     cases = [
         (["-b", str(DEMO), "-t", "train.max_step=3"], "max_step"),
         (["-b", str(tmp_path / "nope.yaml"), "-t"], "nope.yaml: no such config file"),
@@ -152,6 +154,8 @@ def test_config_errors_are_one_line(tmp_path, capsys):
         (["-b", str(DEMO), "-t", "--data_root", str(tmp_path)], f"{tmp_path}"),
         (["-r", str(tmp_path / "run"), "-b", str(DEMO)], "key=value"),
         (["-t"], "pass a config with -b"),
+        (["-b", str(DEMO), "train.max_steps=0", "-t"], "train.max_steps"),  # an override after -b
+        (["-b", str(missing), "-t"], "no value for model.params.scale_factor"),
     ]
     for argv, needle in cases:
         assert main.main(argv) == 1, argv

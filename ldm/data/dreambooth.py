@@ -38,7 +38,8 @@ def format_prompt(template: str, token: str, class_word: str) -> str:
         if field not in TEMPLATE_FIELDS:
             reason = f"unknown field {{{field}}}; a template may use only {{token}} and {{class}}"
             raise DataError(f"prompt template {template!r}", reason)
-    return template.format(token=token, **{"class": class_word})
+    # Runs of spaces folded: an empty class noun (the no-class ablation) leaves no gap.
+    return " ".join(template.format(token=token, **{"class": class_word}).split())
 
 
 class ItemPlan(NamedTuple):

@@ -8,7 +8,6 @@ batch it lands in (two processes of batch B equal one of batch 2B), and resuming
 replays exactly what an uninterrupted run would have drawn.
 """
 
-import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -16,14 +15,9 @@ from torch.utils.data import Dataset, Sampler
 
 from ldm.data.dreambooth import DreamBoothDataset
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import keyed_seed
 
 KINDS = ("instance", "class")
-
-
-def keyed_seed(*parts) -> int:
-    """A 63-bit seed from any tuple of ints and strings, stable across runs and machines."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 class PositionSampler(Sampler):

@@ -156,6 +156,9 @@ def merge_overrides(
 
 def validate(cfg: DictConfig) -> None:
     """Value checks the schema's types cannot express."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config: no value for {', '.join(missing)} (set them with key=value)")
     t = cfg.train
     bad = [p for p in t.trainable if p not in TRAINABLE_PARTS]
     if bad or not t.trainable:

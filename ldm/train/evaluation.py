@@ -7,13 +7,7 @@ from torchvision.utils import make_grid
 
 from ldm.data.dreambooth import DreamBoothDataset, format_prompt
 from ldm.sample import generate, seeded_noise
-from ldm.train.batches import keyed_seed
-from ldm.util import autocast
-
-
-def prompt(template: str, token: str, class_word: str) -> str:
-    """A filled template with runs of spaces folded (class_word may be "" for ablations)."""
-    return " ".join(format_prompt(template, token, class_word).split())
+from ldm.util import autocast, keyed_seed
 
 
 class Validation:
@@ -63,7 +57,7 @@ def sample_grid(
     model, sample_cfg, token: str, class_word: str, size: int, precision: str
 ) -> torch.Tensor:
     """A grid [3, H, W] in [0, 1]: one row per prompt, `n_per_prompt` fixed seeds per row."""
-    prompts = [prompt(p, token, class_word) for p in sample_cfg.prompts]
+    prompts = [format_prompt(p, token, class_word) for p in sample_cfg.prompts]
     n = sample_cfg.n_per_prompt
     f = model.first_stage_model.downsample_factor
     seeds = [sample_cfg.seed + j for _ in prompts for j in range(n)]

@@ -29,7 +29,6 @@ def build_optimizer(
         def make(param_groups):
             return bnb.optim.AdamW8bit(param_groups, **kwargs)
     else:
-
         # One fused kernel per step (CUDA and, since torch 2.4, the CPU); elsewhere foreach.
         fused = device.type in ("cuda", "cpu")
 

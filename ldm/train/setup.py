@@ -12,13 +12,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ldm.checkpoint import empty_parameters, load_model, load_state_into
-from ldm.data.dreambooth import DreamBoothDataset
+from ldm.data.dreambooth import DreamBoothDataset, format_prompt
 from ldm.modules.ema import LitEma
 from ldm.train import distributed
 from ldm.train.batches import LatentCache, PositionDataset, PositionSampler, stack_batch
 from ldm.train.config import uses_prior
 from ldm.train.distributed import DistEnv
-from ldm.train.evaluation import Validation, prompt
+from ldm.train.evaluation import Validation
 from ldm.train.logger import RunLogger
 from ldm.train.optim import build_optimizer, build_scheduler, effective_lr
 from ldm.train.prior import missing_indices, sample_class_images
@@ -134,7 +134,7 @@ def prepare(cfg, env: DistEnv, model: nn.Module, resume: Resume | None, logger: 
     }
     model.to(env.device)
     if uses_prior(cfg) and resume is None:
-        class_prompt = prompt(dc.class_template, dc.token, dc.class_word)
+        class_prompt = format_prompt(dc.class_template, dc.token, dc.class_word)
         todo = missing_indices(Path(dc.class_root), cfg.prior.num_class_images)
         distributed.barrier(env)  # every rank has listed the folder before any rank writes
         wrote = sample_class_images(

@@ -41,8 +41,11 @@ def make_ddim_timesteps(num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.
     if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
         raise ValueError(f"ddim_steps must be in 1..{num_ddpm_timesteps}, got {num_ddim_timesteps}")
     c = num_ddpm_timesteps // num_ddim_timesteps
+    # The first S grid points: CompVis takes them all, which for an S that does not divide T
+    # is one step too many (S=7) or runs past the schedule (S=3 gives 1000).
+    steps = np.asarray(list(range(0, num_ddpm_timesteps, c))[:num_ddim_timesteps])
     # +1 matches CompVis: the final alpha is taken one step past the grid point.
-    return np.asarray(list(range(0, num_ddpm_timesteps, c))) + 1
+    return steps + 1
 
 
 def make_ddim_sampling_parameters(
