@@ -53,6 +53,11 @@ def precision_dtype(precision: str | int) -> torch.dtype | None:
     return PRECISIONS[key]
 
 
+def default_precision(device: torch.device | str) -> str:
+    """Sampling precision when none is asked for: fp16 autocast on CUDA, float32 elsewhere."""
+    return "autocast" if torch.device(device).type == "cuda" else "full"
+
+
 def autocast(device: torch.device | str, precision: str | int):
     """Mixed-precision context for `device`: autocast to fp16/bf16, or a no-op for "32"."""
     dtype = precision_dtype(precision)

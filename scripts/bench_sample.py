@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from ldm.checkpoint import load_model_from_config
 from ldm.sample import generate, prepare_for_sampling, seeded_noise
-from ldm.util import instantiate_from_config
+from ldm.util import default_precision, instantiate_from_config
 
 VAE_FACTOR = 8  # pixels per latent, in every SD config
 HEADER = (
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="timed runs after the warm-up")
     p.add_argument("--no-header", action="store_true", help="print the row only")
     opt = p.parse_args(argv)
-    opt.precision = opt.precision or ("autocast" if opt.device.startswith("cuda") else "full")
+    opt.precision = opt.precision or default_precision(opt.device)
     if opt.H % 64 or opt.W % 64:
         p.error("--H and --W must be multiples of 64")
     return opt

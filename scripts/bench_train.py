@@ -8,7 +8,7 @@ Random full-size weights (no checkpoint needed), the bundled demo photos as inst
 copies of them as class images (batch B instance + B class, as with prior preservation). It runs
 `ldm.train.setup` and `ldm.train.loop.train_step` exactly as main.py does, times `--steps` steps
 after `--warmup`, and prints a markdown row: s/step, images/s through the UNet, and the peak memory
-(CUDA max allocated on a GPU; the process's peak RSS on the CPU, set-up included).
+of the timed steps (CUDA max allocated on a GPU; the process's peak RSS on the CPU).
 """
 
 import argparse
@@ -23,7 +23,7 @@ import torch
 
 from ldm.train.config import load_config
 from ldm.train.distributed import DistEnv
-from ldm.train.logger import RunLogger, peak_memory_gb
+from ldm.train.logger import RunLogger, peak_memory_gb, reset_peak_memory
 from ldm.train.loop import train_step
 from ldm.train.setup import setup
 
@@ -115,8 +115,7 @@ def measure(args, extra: list[str]) -> dict:
         for _ in range(args.warmup):
             train_step(session, cfg, env)
         sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         start = time.perf_counter()
         for _ in range(args.steps):
             train_step(session, cfg, env)

@@ -47,6 +47,7 @@ from ldm.eval.metrics import Evaluator, strip_identifier
 from ldm.eval.report import PAPER_TABLE1, json_safe, markdown_table, write_report
 from ldm.sample import prepare_for_sampling
 from ldm.train.state import RunDir
+from ldm.util import default_precision
 
 WEIGHTS = Path("models/eval")
 
@@ -177,7 +178,7 @@ def build_evaluator(opt: argparse.Namespace, device: str | None = None) -> Evalu
 
 def sampling_settings(opt: argparse.Namespace, target: Target) -> SamplingSettings:
     size = opt.size or OmegaConf.select(target.config, "data.size", default=None) or 512
-    precision = opt.precision or ("autocast" if opt.device.startswith("cuda") else "full")
+    precision = opt.precision or default_precision(opt.device)
     return SamplingSettings(
         ddim_steps=opt.ddim_steps,
         scale=opt.scale,

@@ -22,6 +22,7 @@ from ldm.sample import prepare_for_sampling
 from ldm.train import distributed
 from ldm.train.config import PriorConfig
 from ldm.train.prior import missing_indices, sample_class_images
+from ldm.util import default_precision
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         env = distributed.setup(args.device)
-        precision = args.precision or ("autocast" if env.device.type == "cuda" else "32")
+        precision = args.precision or default_precision(env.device)
         model = load_model_from_config(
             OmegaConf.load(args.config), args.ckpt, args.use_ema, args.unsafe_load
         )

@@ -22,6 +22,7 @@ from tqdm import tqdm, trange
 
 from ldm.checkpoint import load_model_from_config
 from ldm.sample import generate, prepare_for_sampling, seeded_noise, to_pil
+from ldm.util import default_precision
 
 # The DDIM step noise (eta > 0) gets its own seed stream, apart from the start codes' seed + k.
 STEP_NOISE_SEED_OFFSET = 1 << 40
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opt = p.parse_args(argv)
     opt.n_rows = opt.n_rows or opt.n_samples
-    opt.precision = opt.precision or ("autocast" if opt.device.startswith("cuda") else "full")
+    opt.precision = opt.precision or default_precision(opt.device)
     return opt
 
 
@@ -182,7 +183,7 @@ def save_grid(all_images: list[torch.Tensor], opt: argparse.Namespace) -> None:
     to_pil(grid[None])[0].save(outdir / f"grid-{number:04}.png")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     opt = parse_args(argv)
     try:
         config = load_config(opt.config)
@@ -191,12 +192,13 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(opt, config)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"{Path(__file__).name}: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        return 1
     all_images = sample_all(model, batches, opt)
     if not opt.skip_grid:
         save_grid(all_images, opt)
     print(f"Samples written to {opt.outdir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,6 @@
 """scripts/export.py and scripts/sample_prior.py end to end on tiny checkpoints."""
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -10,13 +11,36 @@ from .train_helpers import run, small_config, weights
 
 export = load_script("export")
 sample_prior = load_script("sample_prior")
+txt2img = load_script("stable_txt2img")
 
 
-def test_export_keeps_the_sd_layout_and_picks_ema_weights(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step tiny run with EMA: (config, run folder)."""
+    root = tmp_path_factory.mktemp("trained")
     cfg = small_config(
-        tmp_path / "class", "train.ema.enabled=true", "train.ema.decay=0.5", "train.max_steps=2"
+        root / "class", "train.ema.enabled=true", "train.ema.decay=0.5", "train.max_steps=2"
     )
-    _, folder = run(cfg, tmp_path / "run")
+    return cfg, run(cfg, root / "run")[1]
+
+
+def test_a_training_checkpoint_samples_in_txt2img_with_the_run_config(trained, tmp_path):
+    _, folder = trained
+    (config,) = folder.configs.glob("*-project.yaml")
+    argv = [
+        "--ckpt", str(folder.last), "--config", str(config), "--outdir", str(tmp_path),
+        "--prompt", "a photo of sks dog", "--H", "32", "--W", "32", "--n_samples", "2",
+        "--n_iter", "1", "--ddim_steps", "2", "--device", "cpu",
+    ]  # fmt: skip
+    assert txt2img.main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["00000.png", "00001.png"]
+    assert txt2img.main([*argv, "--use_ema"]) == 0
+    plain, ema = (tmp_path / "samples" / "00000.png"), (tmp_path / "samples" / "00002.png")
+    assert plain.read_bytes() != ema.read_bytes()
+
+
+def test_export_keeps_the_sd_layout_and_picks_ema_weights(trained, tmp_path):
+    cfg, folder = trained
     trained = weights(folder.last)
     out = tmp_path / "lean.safetensors"
     assert export.main(["--ckpt", str(folder.last), "--out", str(out), "--half", "--use_ema"]) == 0

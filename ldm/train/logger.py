@@ -14,10 +14,26 @@ PER_STEP = ("step", "loss", "loss_instance", "loss_prior", "lr", "grad_norm", "s
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on a GPU, else the process's peak RSS."""
+    """Peak CUDA memory allocated on a GPU, else the process's peak RSS (VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's counters, or the RSS high-water mark (Linux >= 4.0)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then includes what came before
 
 
 class RunLogger:
