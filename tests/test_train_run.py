@@ -78,9 +78,10 @@ def test_two_processes_of_batch_b_match_one_of_batch_2b(tmp_path, class_root):
     common = ["-b", str(DEMO), "-t", "--device", "cpu", *small_overrides(class_root, *extra)]
     one = [sys.executable, "main.py", "-l", str(tmp_path / "one"), *common, "train.batch_size=2"]
     subprocess.run(one, cwd=ROOT, env=env, check=True, capture_output=True)
+    # --gpus starts one process per listed device through torchrun; on the CPU they use gloo.
     two = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "main.py", "-l", str(tmp_path / "two"), *common, "train.batch_size=1",
+        sys.executable, "main.py", "--gpus", "0,1", "-l", str(tmp_path / "two"), *common,
+        "train.batch_size=1",
     ]  # fmt: skip
     subprocess.run(two, cwd=ROOT, env=env, check=True, capture_output=True)
     a, b = only_run(tmp_path / "one"), only_run(tmp_path / "two")

@@ -190,8 +190,6 @@ class UNetModel(nn.Module):
             raise ValueError(f"UNetModel options not supported (SD text-to-image only): {bad}")
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("UNetModel needs num_heads or num_head_channels")
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
         if hasattr(context_dim, "__len__"):  # a ListConfig of one entry in some configs
             context_dim = context_dim[0]
         self.in_channels = in_channels
@@ -264,9 +262,9 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch + input_block_chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(
-                        transformer(ch, num_heads_upsample, disable_self_attentions[level])
-                    )
+                    # num_heads, not num_heads_upsample: CompVis passes the latter only to
+                    # the (unported) AttentionBlock, never to a SpatialTransformer.
+                    layers.append(transformer(ch, num_heads, disable_self_attentions[level]))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch, conv_resample, dims=dims, out_channels=ch))
                     ds //= 2

@@ -41,11 +41,11 @@ def make_ddim_timesteps(num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.
     if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
         raise ValueError(f"ddim_steps must be in 1..{num_ddpm_timesteps}, got {num_ddim_timesteps}")
     c = num_ddpm_timesteps // num_ddim_timesteps
-    # The first S grid points: CompVis takes them all, which for an S that does not divide T
-    # is one step too many (S=7) or runs past the schedule (S=3 gives 1000).
-    steps = np.asarray(list(range(0, num_ddpm_timesteps, c))[:num_ddim_timesteps])
-    # +1 matches CompVis: the final alpha is taken one step past the grid point.
-    return steps + 1
+    # CompVis's grid exactly, +1 included, so images match it for every S (an S that does not
+    # divide T gets one step more there too, e.g. 8 for S=7). Where that grid would index past
+    # the schedule (S=3 or S=1000 give 1000, an IndexError in CompVis) it ends at T - 1 instead.
+    steps = np.asarray(list(range(0, num_ddpm_timesteps, c))) + 1
+    return np.unique(np.minimum(steps, num_ddpm_timesteps - 1))
 
 
 def make_ddim_sampling_parameters(
