@@ -1,6 +1,9 @@
 """Text-to-image with DDIM and classifier-free guidance: the one path that txt2img, prior (class)
 image sampling, training-time sample grids and evaluation all use."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -67,6 +70,15 @@ def generate(
         )
         images = model.decode_first_stage(z.to(next(model.first_stage_model.parameters()).dtype))
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write through a temporary name, so an interrupted write never leaves a truncated PNG
+    (which a resumed run would count as done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -9,7 +9,6 @@ included) is kept, and the rest is generated, so a folder never mixes images of 
 """
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.data.images import load_rgb
-from ldm.sample import generate, seeded_noise, to_pil
+from ldm.sample import generate, save_png, seeded_noise, to_pil
 from ldm.util import keyed_seed
 
 INDEX = "index.jsonl"
@@ -98,14 +97,6 @@ def missing(
     return [spec for spec in specs if not done(spec)]
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
-    # Through a temporary name, so an interrupted write never leaves a truncated PNG behind.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def generate_images(
     model,
     outdir: str | Path,
@@ -125,8 +116,7 @@ def generate_images(
     todo = missing(outdir, specs, settings)
     if not todo:
         return 0
-    f = model.first_stage_model.downsample_factor
-    shape = (model.channels, settings.height // f, settings.width // f)
+    shape = model.latent_shape(settings.height, settings.width)
     outdir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc=f"generating into {outdir}", disable=not progress)
     with open(outdir / INDEX, "a") as index:
@@ -144,7 +134,7 @@ def generate_images(
                 generator=torch.Generator().manual_seed(keyed_seed(batch[0].seed, "eta")),
             )
             for spec, image in zip(batch, to_pil(images)):
-                _save_png(image, outdir / spec.file)
+                save_png(image, outdir / spec.file)
                 record = {**asdict(spec), "settings": asdict(settings), "checkpoint": checkpoint}
                 index.write(json.dumps(record) + "\n")
             index.flush()

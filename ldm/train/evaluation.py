@@ -59,9 +59,8 @@ def sample_grid(
     """A grid [3, H, W] in [0, 1]: one row per prompt, `n_per_prompt` fixed seeds per row."""
     prompts = [format_prompt(p, token, class_word) for p in sample_cfg.prompts]
     n = sample_cfg.n_per_prompt
-    f = model.first_stage_model.downsample_factor
     seeds = [sample_cfg.seed + j for _ in prompts for j in range(n)]
-    x_T = seeded_noise(seeds, (model.channels, size // f, size // f))
+    x_T = seeded_noise(seeds, model.latent_shape(size, size))
     images = generate(
         model,
         [p for p in prompts for _ in range(n)],

@@ -6,13 +6,12 @@ interrupted run resumes where it stopped and a rerun writes the same files; rank
 Each file is written to a temporary name and renamed, so a half-written PNG is never counted.
 """
 
-import os
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ldm.data.images import list_images
-from ldm.sample import generate, seeded_noise, to_pil
+from ldm.sample import generate, save_png, seeded_noise, to_pil
 
 
 def missing_indices(class_root: Path, num_class_images: int) -> list[int]:
@@ -40,8 +39,7 @@ def sample_class_images(
     class_root = Path(class_root)
     class_root.mkdir(parents=True, exist_ok=True)
     todo = list(indices)
-    f = model.first_stage_model.downsample_factor
-    shape = (model.channels, size // f, size // f)
+    shape = model.latent_shape(size, size)
     batches = [
         todo[i : i + prior_cfg.batch_size] for i in range(0, len(todo), prior_cfg.batch_size)
     ]
@@ -59,10 +57,7 @@ def sample_class_images(
             precision=precision,
         )
         for i, image in zip(indices, to_pil(images)):
-            target = class_root / f"prior_{i:05d}.png"
-            tmp = class_root / f".prior_{i:05d}.png.tmp"
-            image.save(tmp, format="PNG")
-            os.replace(tmp, target)
+            save_png(image, class_root / f"prior_{i:05d}.png")
         bar.update(len(indices))
     bar.close()
     return len(todo)

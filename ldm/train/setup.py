@@ -173,8 +173,7 @@ def _prefixed_state(model: nn.Module, module: nn.Module) -> dict:
 
 def make_loader(cfg, env, model, dataset, cache, start_step: int) -> DataLoader:
     tc = cfg.train
-    f = model.first_stage_model.downsample_factor
-    latent_shape = (model.channels, cfg.data.size // f, cfg.data.size // f)
+    latent_shape = model.latent_shape(cfg.data.size, cfg.data.size)
     positions = PositionDataset(dataset, tc.seed, latent_shape, model.num_timesteps, cache)
     sampler = PositionSampler(
         env.rank, env.world_size, tc.batch_size, start=start_step * tc.accumulate_grad_batches

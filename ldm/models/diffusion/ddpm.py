@@ -177,6 +177,11 @@ class LatentDiffusion(nn.Module):
 
     # First stage and conditioning.
 
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The latent [C, h, w] of an image of height x width pixels."""
+        f = self.first_stage_model.downsample_factor
+        return (self.channels, height // f, width // f)
+
     def encode_first_stage(self, x: torch.Tensor):
         """Images [B, 3, H, W] in [-1, 1] -> the VAE posterior over [B, 4, H/8, W/8]."""
         return self.first_stage_model.encode(x)
