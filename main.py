@@ -24,6 +24,7 @@ from ldm.train.config import ConfigError, RunSchema, load_config, merge_override
 from ldm.train.loop import train
 from ldm.train.setup import Resume, TrainingError
 from ldm.train.state import new_run_dir, run_dir_of
+from ldm.train.trackers import require as require_trackers
 
 
 def str2bool(value: str) -> bool:
@@ -112,7 +113,8 @@ def resolve(args, overrides: list[str]):
 
 
 def check_data(cfg) -> None:
-    """Fail before anything expensive: missing settings, unreadable or missing images."""
+    """Fail before anything expensive: missing settings or packages, unreadable images."""
+    require_trackers(cfg.train.loggers)  # e.g. wandb not installed
     dc = cfg.data
     if dc.instance_root is None or dc.class_word is None:
         raise ConfigError("training needs --data_root and --class_word (use '' for no class noun)")

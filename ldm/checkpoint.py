@@ -269,6 +269,11 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """A small text file (a run summary, an id), written atomically."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
     """torch.save, written atomically."""
     _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))

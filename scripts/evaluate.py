@@ -16,6 +16,7 @@ one is named with the address to download it from.
 
 import argparse
 import gc
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from ldm.eval.metrics import Evaluator, strip_identifier
 from ldm.eval.report import PAPER_TABLE1, json_safe, markdown_table, write_report
 from ldm.sample import prepare_for_sampling
 from ldm.train.state import RunDir
+from ldm.train.trackers import summary_trackers, update_summary
 from ldm.util import default_precision
 
 WEIGHTS = Path("models/eval")
@@ -291,7 +293,23 @@ def evaluate(target: Target, opt: argparse.Namespace, evaluator: Evaluator) -> t
     )
     data, markdown = report(target, opt, settings, metrics, len(real))
     write_report(target.outdir, data, markdown)
+    record_in_run(target, opt, metrics)
     return data, markdown
+
+
+def record_in_run(target: Target, opt: argparse.Namespace, metrics: dict) -> None:
+    """The figures of a run's last.ckpt also go into the run's summary (summary.json,
+    TensorBoard's HParams view, W&B), where sweeps and run comparisons read them."""
+    run = RunDir(target.ckpt.parent.parent)
+    if opt.config or target.ckpt != run.last:
+        return
+    trackers = summary_trackers(run.root, target.config)
+    max_steps = OmegaConf.select(target.config, "train.max_steps", default=math.inf)
+    try:
+        update_summary(run.root, {f"eval/{k}": v for k, v in metrics.items()}, trackers, max_steps)
+    finally:
+        for tracker in trackers:
+            tracker.close()
 
 
 def fail(e: Exception) -> int:

@@ -64,3 +64,24 @@ def metrics(root: Path) -> list[dict[str, str]]:
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def hparams_record(root: Path) -> tuple[dict, dict[str, float], bool]:
+    """A run's TensorBoard HParams session: (hyperparameters, metric scalars, whether it ended)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hparams, scalars, ended = {}, {}, False
+    path = root / "tensorboard" / "hparams" / "events.out.tfevents.hparams"
+    for raw in RawEventFileLoader(str(path)).Load():
+        for value in Event.FromString(raw).summary.value:
+            if value.metadata.plugin_data.plugin_name != "hparams":
+                scalars[value.tag] = value.simple_value
+                continue
+            data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+            if data.HasField("session_start_info"):
+                for key, v in data.session_start_info.hparams.items():
+                    hparams[key] = getattr(v, v.WhichOneof("kind"))
+            ended = ended or data.HasField("session_end_info")
+    return hparams, scalars, ended

@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ldm.checkpoint import write_text_atomic
+
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 HEADERS = {
     "dino": "DINO ↑",
@@ -70,8 +72,7 @@ def from_json(metrics: Mapping[str, float | None]) -> dict[str, float]:
 
 
 def write_report(outdir: str | Path, report: Mapping, markdown: str, name: str = "report") -> None:
-    """`name.json` and `name.md` in `outdir`."""
+    """`name.json` and `name.md` in `outdir`, each written atomically."""
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / f"{name}.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    (outdir / f"{name}.md").write_text(markdown + "\n")
+    write_text_atomic(outdir / f"{name}.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(outdir / f"{name}.md", markdown + "\n")

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding")
+LOGGERS = ("tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,16 @@ class EMAConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases, when train.loggers has wandb; the run is named after its folder."""
+
+    project: str = "dreambooth"
+    entity: str | None = None  # your W&B user or team (default: your default entity)
+    group: str | None = None  # e.g. a sweep's name, to compare its runs together
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     actual_resume: str | None = None  # base weights (--actual_resume)
     use_ema_weights: bool = False  # start from the base file's EMA weights
@@ -91,6 +102,8 @@ class TrainConfig:
     prior_loss_weight: float = 1.0  # lambda; 0 turns prior preservation off
     seed: int = 23
     log_every: int = 10
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # and/or wandb
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     val_every: int = 100  # 0 disables validation (and best.ckpt)
     val_timesteps: int = 8
     save_every: int = 500  # 0: only last.ckpt at the end
@@ -165,6 +178,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.trainable: {list(t.trainable)} (choose from {TRAINABLE_PARTS})")
     if "text_encoder" in t.trainable and "token_embedding" in t.trainable:
         raise ConfigError("train.trainable: text_encoder already trains the token embedding")
+    if [name for name in t.loggers if name not in LOGGERS] or len(set(t.loggers)) < len(t.loggers):
+        raise ConfigError(f"train.loggers: {list(t.loggers)} (choose from {LOGGERS}, each once)")
     checks = {
         "train.precision": str(t.precision) in ("32", "bf16", "16"),
         "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
@@ -197,3 +212,18 @@ def uses_prior(cfg: DictConfig) -> bool:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_leaves(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config's leaves by dotted key (`train.lr`); a list is one leaf."""
+    leaves: dict[str, Any] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            leaves[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return leaves

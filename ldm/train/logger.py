@@ -1,14 +1,20 @@
-"""Logs for people: a progress bar, TensorBoard scalars and image grids, and `metrics.csv` with
-one row per optimizer step. Only rank 0 logs; the other ranks get a logger that does nothing."""
+"""Logs for people: a progress bar, `metrics.csv` with one row per optimizer step, and the
+trackers of `train.loggers` (TensorBoard, W&B: ldm.train.trackers) with the same scalars, the
+sample grids, the config and the run's summary. Only rank 0 logs; the other ranks get a logger
+that does nothing."""
 
 import csv
+import math
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from tqdm import tqdm
+
+from ldm.train.trackers import open_trackers, update_summary
 
 PER_STEP = ("step", "loss", "loss_instance", "loss_prior", "lr", "grad_norm", "skipped")
 
@@ -37,16 +43,21 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 class RunLogger:
-    def __init__(self, root: Path | None, start_step: int, max_steps: int):
+    def __init__(self, root: Path | None, start_step: int, max_steps: int, cfg: DictConfig):
         self.enabled = root is not None
         self.pending: list[dict[str, torch.Tensor | float]] = []
         self.last_time, self.last_step = time.perf_counter(), start_step
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step drops events a resumed run rewrites, so curves do not double back.
-        self.writer = SummaryWriter(root / "tensorboard", purge_step=start_step + 1)
+        self.root, self.max_steps = root, max_steps
+        self.trackers = open_trackers(root, cfg, start_step)
+        self.final: dict[str, float] = {}  # this session's part of the run's summary
+        # A resumed run's summary with its new config; the evaluation figures are dropped, as
+        # they describe a last.ckpt that this session replaces.
+        drop = "eval/" if start_step < max_steps else None
+        previous = update_summary(root, {}, self.trackers, max_steps, drop)
+        best = previous.get("val/best_loss")
+        self.best_val = math.inf if best is None else best
         new_file = not (root / "metrics.csv").exists()
         self.csv_file = open(root / "metrics.csv", "a", newline="")
         self.csv = csv.writer(self.csv_file)
@@ -71,30 +82,38 @@ class RunLogger:
         self.pending = []
         for row in rows:
             self.csv.writerow([_fmt(row.get(k)) for k in PER_STEP])
-            for key in PER_STEP[1:]:
-                if row.get(key) is not None:
-                    self.writer.add_scalar(f"train/{key}", row[key], int(row["step"]))
+            values = {f"train/{k}": row[k] for k in PER_STEP[1:] if row.get(k) is not None}
+            self._scalars(values, int(row["step"]))
         self.csv_file.flush()
         now = time.perf_counter()
         its = (step - self.last_step) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, step
         scalars = {"train/it_per_s": its, "train/peak_memory_gb": peak_memory_gb(device)}
         scalars.update(extra or {})
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
+        self._scalars(scalars, step)
         last = rows[-1]
+        self.final.update({"step": step, "train/loss": last["loss"]})
         if self.bar is None:
             self.bar = tqdm(dynamic_ncols=True, **self.bar_args)
         self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", refresh=False)
         self.bar.update(step - self.bar.n)
 
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.scalars(values, step)
+
     def scalar(self, key: str, value: float, step: int) -> None:
-        if self.enabled:
-            self.writer.add_scalar(key, value, step)
+        if not self.enabled:
+            return
+        self._scalars({key: value}, step)
+        if key == "val/loss":
+            self.best_val = min(self.best_val, value)
+            self.final.update({"val/loss": value, "val/best_loss": self.best_val})
 
     def image(self, key: str, grid: torch.Tensor, step: int) -> None:
         if self.enabled:
-            self.writer.add_image(key, grid, step)
+            for tracker in self.trackers:
+                tracker.image(key, grid, step)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -104,7 +123,10 @@ class RunLogger:
         if self.enabled:
             if self.bar is not None:
                 self.bar.close()
-            self.writer.close()
+            if self.final:
+                update_summary(self.root, self.final, self.trackers, self.max_steps)
+            for tracker in self.trackers:
+                tracker.close()
             self.csv_file.close()
 
 

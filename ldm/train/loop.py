@@ -127,7 +127,7 @@ def train(
     """Train until `train.max_steps` or a stop signal; rank 0 writes the run folder."""
     tc = cfg.train
     start = resume.extras["global_step"] if resume else 0
-    logger = RunLogger(run.root if env.is_main else None, start, tc.max_steps)
+    logger = RunLogger(run.root if env.is_main else None, start, tc.max_steps, cfg)
     stop = None
     try:
         session = setup(cfg, env, resume, unsafe_load, logger)
