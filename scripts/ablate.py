@@ -4,29 +4,29 @@ r"""The paper's ablations in your setting: train and evaluate each variant on ch
         --actual_resume sd-v1-5.ckpt --dreambench_root data/dreambench --subjects dog,backpack \
         --variants prior,no_prior,no_class,wrong_class,text_encoder --gpus 0,1 \
         [scripts/evaluate.py flags: --dino_weights ... --n_samples 4 ...] [train.max_steps=800 ...]
+    python scripts/ablate.py -b ... --real_dir photos/rex --class_word dog [--variants ...]
 
 A variant is a config in configs/ablations/ (those above, or one of your own) merged after the
 base configs and a per-subject config (its photos and class noun); `key=value` arguments come
-last. The wrong class noun depends on the subject: "can", or "backpack" for a can (--wrong_class
-sets another). Run folders go to OUT/runs/<subject>/<variant>/, and each run is evaluated with
-scripts/evaluate.py, whose flags pass through. A rerun skips finished trainings, resumes
-unfinished ones and reuses generated images. Prior-preservation class images are sampled once
-per class noun into OUT/class_images/<noun>/ and shared by the runs that use that noun.
+last. The subjects are the evaluation targets: DreamBench subjects (--subjects with
+--dreambench_root) or your own photos (--real_dir with --class_word); `targets()` is where
+another kind of target plugs in. The wrong class noun depends on the subject: "can", or
+"backpack" for a can (--wrong_class sets another). Run folders go to
+OUT/runs/<subject>/<variant>/, and each run is evaluated with scripts/evaluate.py, whose flags
+pass through. Prior-preservation class images are sampled once per class noun into
+OUT/class_images/<noun>/ and shared by the runs that use that noun.
 
-Runs go one after another, or with --gpus 0,1,2 one process per GPU from a job queue (its output
-in OUT/logs/). At the end the mean over subjects of each variant is printed beside the paper's
-Table 3 (prior preservation) and Table 4 (class noun), with a text-encoder table, and written
-to OUT/ablation.md and OUT/ablation.json.
+The runs are a sweep through scripts/sweep.py's runner (scripts/runner.py): one after another,
+or with --gpus 0,1,2 one process per GPU from a queue (output in OUT/logs/); a rerun skips
+finished trainings, resumes unfinished ones and reuses generated images. At the end the mean
+over subjects of each variant is printed beside the paper's Table 3 (prior preservation) and
+Table 4 (class noun), with a text-encoder table, and written to OUT/ablation.md and .json.
 """
 
 import argparse
-import json
 import math
-import os
-import subprocess
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,23 +36,30 @@ ROOT = Path(__file__).resolve().parents[1]
 # main.py and scripts/ sit at the repository root, beside (not inside) the installed ldm package.
 sys.path.insert(0, str(ROOT))
 
-import main as train_main  # noqa: E402
-from ldm.checkpoint import read_checkpoint  # noqa: E402
-from ldm.eval.dreambench import Subject, dreambench_subject  # noqa: E402
+from ldm.eval.dreambench import Subject, custom_subject, dreambench_subject  # noqa: E402
 from ldm.eval.metrics import Evaluator  # noqa: E402
 from ldm.eval.report import (  # noqa: E402
     METRICS,
     PAPER_TABLE3,
     PAPER_TABLE4,
-    from_json,
     json_safe,
     markdown_table,
     write_report,
 )
-from ldm.train.config import load_config, uses_prior  # noqa: E402
+from ldm.train.config import load_config  # noqa: E402
 from ldm.train.distributed import parse_gpus  # noqa: E402
-from ldm.train.state import RunDir  # noqa: E402
-from scripts import evaluate  # noqa: E402
+from scripts.runner import (  # noqa: E402
+    Job,
+    check_eval_flags,
+    evaluation_figures,
+    evaluator_for,
+    fail,
+    finish,
+    make_job,
+    run_jobs,
+    split_args,
+    status_of,
+)
 
 ABLATIONS = ROOT / "configs" / "ablations"
 WRONG_CLASSES = ("can", "backpack")  # the paper's example, and a stand-in for the can subject
@@ -98,15 +105,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-b", "--base", nargs="+", required=True, help="base configs, merged in order")
     p.add_argument("--actual_resume", help="base weights (.ckpt / .safetensors)")
-    p.add_argument("--dreambench_root", required=True, help="the folder of subject folders")
-    p.add_argument("--subjects", required=True, help="comma-separated, e.g. dog,backpack")
+    p.add_argument("--dreambench_root", help="the folder of DreamBench subject folders")
+    p.add_argument("--subjects", help="DreamBench subjects, comma-separated, e.g. dog,backpack")
+    p.add_argument("--real_dir", help="or your own subject's photos (with --class_word)")
+    p.add_argument("--class_word", help="your subject's class noun, e.g. dog")
     p.add_argument("--variants", default=None, help="comma-separated (default: all)")
     p.add_argument("--wrong_class", help="the wrong class noun for every subject")
     p.add_argument("--out", default="outputs/ablations")
     p.add_argument("--gpus", help="e.g. 0,1,2: one run per GPU at a time")
     p.add_argument("--device", help="cpu or cuda, for training and evaluation")
-    # A GPU worker's own runs: the parent writes the summary of all of them.
-    p.add_argument("--no_summary", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -115,24 +122,30 @@ def available_variants() -> list[str]:
 
 
 @dataclass(frozen=True)
-class Job:
-    subject: Subject
-    variant: str
-    bases: tuple[str, ...]
-    overrides: tuple[str, ...]
-    logdir: Path  # its run folder is the newest `<stamp>_<variant>` in here
-    max_steps: int
-    class_root: str | None  # the class-image folder it samples into; None without prior
+class Target:
+    """What a variant trains on and is evaluated against."""
 
-    @property
-    def name(self) -> str:
-        return f"{self.subject.name}/{self.variant}"
+    subject: Subject  # its name, class noun and photos
+    eval_args: tuple[str, ...]  # the scripts/evaluate.py flags that name it
 
 
-def split_args(rest: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Arguments ablate.py does not know: (`key=value` training overrides, evaluate.py flags)."""
-    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
-    return overrides, [a for a in rest if a not in overrides]
+def targets(opt: argparse.Namespace) -> list[Target]:
+    """The evaluation targets the flags name: DreamBench subjects, or your own photos."""
+    if opt.subjects and opt.real_dir:
+        raise ValueError("pass --subjects (DreamBench) or --real_dir, not both")
+    if opt.subjects:
+        if not opt.dreambench_root:
+            raise ValueError("--subjects needs --dreambench_root, the folder of subject folders")
+        root = opt.dreambench_root
+        names = [s for s in opt.subjects.split(",") if s]
+        return [
+            Target(dreambench_subject(n, root), ("--subject", n, "--dreambench_root", root))
+            for n in names
+        ]
+    if opt.real_dir and opt.class_word:
+        subject = custom_subject(opt.real_dir, opt.class_word)
+        return [Target(subject, ("--real_dir", opt.real_dir, "--class_word", opt.class_word))]
+    raise ValueError("pass --subjects with --dreambench_root, or --real_dir with --class_word")
 
 
 def wrong_class(subject: Subject, choice: str | None) -> str:
@@ -155,133 +168,37 @@ def subject_config(out: Path, subject: Subject) -> Path:
     return path
 
 
-def plan_job(name: str, variant: str, opt: argparse.Namespace, overrides: list[str]) -> Job:
-    """The configs and overrides of one run, checked as main.py will load them."""
-    subject = dreambench_subject(name, opt.dreambench_root)
+def plan_job(
+    target: Target, variant: str, opt: argparse.Namespace, overrides: list[str], eval_flags=()
+) -> Job:
+    """One variant on one target: its configs and overrides, checked as main.py will load them."""
+    subject = target.subject
     out = Path(opt.out)
     bases = (*opt.base, str(subject_config(out, subject)), str(ABLATIONS / f"{variant}.yaml"))
     extra = list(overrides)
     if variant == "wrong_class":  # before the user's overrides, which may still set it
         extra.insert(0, f"data.class_word={wrong_class(subject, opt.wrong_class)}")
-    flags = {"train.actual_resume": opt.actual_resume}
-    cfg = load_config(bases, extra, flags)
+    if opt.actual_resume:
+        extra.insert(0, f"train.actual_resume={opt.actual_resume}")
     if not any(o.startswith("data.class_root=") for o in overrides):
-        noun = "_".join(cfg.data.class_word.split()) or "no_class_noun"
+        noun = "_".join(load_config(bases, extra).data.class_word.split()) or "no_class_noun"
         extra.append(f"data.class_root={(out / 'class_images' / noun).resolve()}")
-        cfg = load_config(bases, extra, flags)
-    class_root = cfg.data.class_root if uses_prior(cfg) else None
-    logdir = out / "runs" / name / variant
-    return Job(subject, variant, bases, tuple(extra), logdir, cfg.train.max_steps, class_root)
-
-
-def latest_run(job: Job) -> Path | None:
-    runs = sorted(job.logdir.glob(f"*_{job.variant}")) if job.logdir.is_dir() else []
-    return runs[-1] if runs else None
-
-
-def train(job: Job, opt: argparse.Namespace) -> Path | None:
-    """Train, resume or skip the job's run; returns its folder, or None if training failed."""
-    run = latest_run(job)
-    device = ["--device", opt.device] if opt.device else []
-    if run is not None and RunDir(run).last.is_file():
-        step = int(read_checkpoint(RunDir(run).last)[1].get("global_step", 0))
-        if step >= job.max_steps:
-            print(f"{job.name}: trained ({step} steps) in {run}", flush=True)
-            return run
-        argv = ["-r", str(run), "-t", *device, *job.overrides]
-    else:
-        weights = ["--actual_resume", opt.actual_resume] if opt.actual_resume else []
-        argv = ["-b", *job.bases, "-t", "-l", str(job.logdir), "-n", job.variant]
-        argv += [*weights, *device, *job.overrides]
-    if train_main.main(argv) != 0:
-        return None
-    return latest_run(job)
-
-
-def report_path(job: Job) -> Path | None:
-    run = latest_run(job)
-    if run is None:
-        return None
-    return evaluate.default_outdir(RunDir(run).last, job.subject.name) / "report.json"
-
-
-def run_job(job: Job, opt: argparse.Namespace, eval_flags: list[str], evaluator: Evaluator) -> bool:
-    """Train (or skip), then evaluate; False if either failed."""
-    run = train(job, opt)
-    if run is None:
-        return False
-    device = ["--device", opt.device] if opt.device else []
-    argv = ["--ckpt", str(run), "--subject", job.subject.name]
-    argv += ["--dreambench_root", opt.dreambench_root, *device, *eval_flags]
-    return evaluate.main(argv, evaluator) == 0
-
-
-def run_queue(jobs: Sequence[Job], gpus: Sequence[int], launch: Callable[[Job, int], bool]):
-    """One worker per GPU; each takes the next job whose class-image folder no running job is
-    filling (two runs sampling into one folder would race on its files). Returns failed jobs."""
-    pending, busy, failed = list(jobs), set(), []
-    cond = threading.Condition()
-
-    def take() -> Job | None:
-        with cond:
-            while pending:
-                free = [j for j in pending if j.class_root is None or j.class_root not in busy]
-                if free:
-                    pending.remove(free[0])
-                    busy.add(free[0].class_root)
-                    return free[0]
-                cond.wait()
-            return None
-
-    def worker(gpu: int) -> None:
-        while (job := take()) is not None:
-            ok = False
-            try:
-                ok = launch(job, gpu)
-            finally:
-                with cond:
-                    busy.discard(job.class_root)
-                    if not ok:
-                        failed.append(job)
-                    cond.notify_all()
-
-    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return failed
-
-
-def launcher(argv: list[str], out: Path) -> Callable[[Job, int], bool]:
-    """Run one job as `ablate.py ... --subjects S --variants V` on GPU `gpu`, logging to OUT/logs/."""
-    common = argv
-    for flag in ("--gpus", "--subjects", "--variants"):
-        common = train_main.without_flag(common, flag)
-
-    def launch(job: Job, gpu: int) -> bool:
-        log = out / "logs" / f"{job.subject.name}-{job.variant}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"GPU {gpu}: {job.name} (log: {log})", flush=True)
-        command = [sys.executable, __file__, *common]
-        command += ["--subjects", job.subject.name, "--variants", job.variant, "--no_summary"]
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-        with open(log, "w") as f:
-            code = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-        print(f"GPU {gpu}: {job.name} {'done' if code == 0 else f'FAILED (see {log})'}", flush=True)
-        return code == 0
-
-    return launch
+    labels = [("subject", subject.name), ("variant", variant)]
+    logdir = out / "runs" / subject.name / variant
+    eval_args = [*target.eval_args, *eval_flags]
+    return make_job(
+        f"{subject.name}/{variant}", labels, bases, extra, logdir, eval_args, opt.device
+    )
 
 
 def collect(jobs: Sequence[Job]) -> dict[str, dict[str, dict[str, float]]]:
-    """{variant: {subject: metrics}} from the runs' report.json files."""
+    """{variant: {subject: metrics}} from the runs' summaries (what evaluate.py recorded)."""
     results: dict[str, dict[str, dict[str, float]]] = {}
     for job in jobs:
-        path = report_path(job)
-        if path is not None and path.is_file():
-            metrics = from_json(json.loads(path.read_text())["metrics"])
-            results.setdefault(job.variant, {})[job.subject.name] = metrics
+        labels = dict(job.labels)
+        metrics = evaluation_figures(status_of(job, set())["summary"], METRICS)
+        if metrics is not None:
+            results.setdefault(labels["variant"], {})[labels["subject"]] = metrics
     return results
 
 
@@ -315,7 +232,7 @@ def summary(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n\n".join(parts)
 
 
-def plan(opt: argparse.Namespace, overrides: list[str]) -> list[Job]:
+def plan(opt: argparse.Namespace, overrides: list[str], eval_flags: list[str]) -> list[Job]:
     variants = opt.variants.split(",") if opt.variants else available_variants()
     unknown = [v for v in variants if v not in available_variants()]
     if unknown:
@@ -323,17 +240,7 @@ def plan(opt: argparse.Namespace, overrides: list[str]) -> list[Job]:
             f"unknown variant(s) {', '.join(unknown)}: configs/ablations/ has "
             f"{', '.join(available_variants())}"
         )
-    subjects = [s for s in opt.subjects.split(",") if s]
-    return [plan_job(s, v, opt, overrides) for s in subjects for v in variants]
-
-
-def check_eval_flags(eval_flags: list[str]) -> argparse.Namespace:
-    """evaluate.py's view of the flags passed through (argparse exits on an unknown one)."""
-    eval_opt = evaluate.parser().parse_args(eval_flags)
-    own = [f"--{f}" for f in OWN_EVAL_FLAGS if getattr(eval_opt, f) is not None]
-    if own:
-        raise ValueError(f"ablate.py sets {', '.join(own)} for each run itself")
-    return eval_opt
+    return [plan_job(t, v, opt, overrides, eval_flags) for t in targets(opt) for v in variants]
 
 
 def main(argv: list[str] | None = None, evaluator: Evaluator | None = None) -> int:
@@ -343,36 +250,25 @@ def main(argv: list[str] | None = None, evaluator: Evaluator | None = None) -> i
     opt, rest = parser().parse_known_args(argv)
     overrides, eval_flags = split_args(rest)
     try:
-        eval_opt = check_eval_flags(eval_flags)
-        jobs = plan(opt, overrides)
+        eval_opt = check_eval_flags(eval_flags, OWN_EVAL_FLAGS)
+        jobs = plan(opt, overrides, eval_flags)
         gpus = parse_gpus(opt.gpus)
-        # Before any training, so that a missing weight file fails now; with GPU workers (which
-        # build their own) only as that check, on the CPU.
-        device = "cpu" if gpus else (opt.device or eval_opt.device)
-        evaluator = evaluator or evaluate.build_evaluator(eval_opt, device)
+        evaluator = evaluator_for(eval_opt, gpus, opt.device, evaluator)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"ablate.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    if gpus:
-        failed = run_queue(jobs, gpus, launcher(argv, Path(opt.out)))
-    else:
-        failed = [job for job in jobs if not run_job(job, opt, eval_flags, evaluator)]
-    if not opt.no_summary:
-        results = collect(jobs)
-        markdown = summary(results)
-        data = {
-            "subjects": [s for s in opt.subjects.split(",") if s],
-            "runs": {v: {s: json_safe(m) for s, m in runs.items()} for v, runs in results.items()},
-            "means": {v: json_safe(mean_over_subjects(runs)) for v, runs in results.items()},
-            "failed": [job.name for job in failed],
-            "paper": {"table3": PAPER_TABLE3, "table4": PAPER_TABLE4},
-        }
-        write_report(opt.out, data, markdown, name="ablation")
-        print(markdown)
-    if failed:
-        print(f"ablate.py: failed: {', '.join(job.name for job in failed)}", file=sys.stderr)
-        return 1
-    return 0
+        return fail("ablate.py", e)
+    failed, stopped = run_jobs(jobs, gpus, Path(opt.out), evaluator)
+    results = collect(jobs)
+    markdown = summary(results)
+    data = {
+        "subjects": [t.subject.name for t in targets(opt)],
+        "runs": {v: {s: json_safe(m) for s, m in runs.items()} for v, runs in results.items()},
+        "means": {v: json_safe(mean_over_subjects(runs)) for v, runs in results.items()},
+        "failed": sorted(failed),
+        "paper": {"table3": PAPER_TABLE3, "table4": PAPER_TABLE4},
+    }
+    write_report(opt.out, data, markdown, name="ablation")
+    print(markdown)
+    return finish("ablate.py", failed, stopped)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@ end to end on tiny trained runs with tiny random metric networks (CPU, no downlo
 
 import json
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +20,12 @@ from ldm.eval.generate import (
     read_index,
 )
 from ldm.eval.report import format_value
-from scripts import ablate, evaluate
+from ldm.train.trackers import read_summary
+from scripts import ablate, evaluate, runner
 
 from .conftest import ROOT
 from .test_eval_metrics import evaluator, tiny_clip_arch  # noqa: F401 (fixtures)
-from .train_helpers import DEMO, small_overrides
+from .train_helpers import DEMO, hparams_record, small_overrides
 
 DOG_PHOTOS = ROOT / "data" / "demo" / "dog"
 # A run's evaluation at the smallest size: few prompts, images and steps.
@@ -151,6 +150,10 @@ def test_evaluate_end_to_end(tmp_path, evaluator, capsys, monkeypatch):  # noqa:
         "sks",
     )
     assert metrics == pytest.approx(expected, abs=1e-5)
+    # The figures of the run's last.ckpt join its summary and its TensorBoard HParams session.
+    figures = {k[5:]: v for k, v in read_summary(run).items() if k.startswith("eval/")}
+    assert figures == metrics
+    assert hparams_record(run)[1]["eval/dino"] == pytest.approx(metrics["dino"])
 
     markdown = (out / "report.md").read_text()
     this_run = "| this run: dog | " + " | ".join(format_value(v) for v in expected.values())
@@ -227,7 +230,7 @@ def test_ablate_end_to_end(tmp_path, evaluator, capsys, monkeypatch):  # noqa: F
 
     # A rerun trains nothing and generates nothing.
     with monkeypatch.context() as patch:
-        patch.setattr(ablate.train_main, "main", None)
+        patch.setattr(runner.train_main, "main", None)
         patch.setattr(evaluate, "load_model_from_config", None)
         assert ablate.main(argv, evaluator) == 0
     assert json.loads((out / "ablation.json").read_text())["runs"] == result["runs"]
@@ -244,8 +247,12 @@ def test_ablate_end_to_end(tmp_path, evaluator, capsys, monkeypatch):  # noqa: F
 def test_ablation_plans_per_subject_class_nouns(tmp_path):
     argv = ["-b", str(DEMO), "--dreambench_root", str(tmp_path), "--subjects", "x"]
     opt, _ = ablate.parser().parse_known_args([*argv, "--out", str(tmp_path / "out")])
+
+    def target(name: str) -> ablate.Target:
+        return ablate.Target(dreambench.dreambench_subject(name, tmp_path), ())
+
     jobs = {
-        (s, v): ablate.plan_job(s, v, opt, ["train.max_steps=5"])
+        (s, v): ablate.plan_job(target(s), v, opt, ["train.max_steps=5"])
         for s in ("dog", "can", "bear_plushie")
         for v in ("wrong_class", "no_class", "no_prior", "prior", "text_encoder")
     }
@@ -264,32 +271,4 @@ def test_ablation_plans_per_subject_class_nouns(tmp_path):
     assert jobs[("dog", "text_encoder")].bases[-1].endswith("configs/ablations/text_encoder.yaml")
     opt.wrong_class = "dog"
     with pytest.raises(ValueError, match="--wrong_class dog is the class of subject dog"):
-        ablate.plan_job("dog", "wrong_class", opt, [])
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_gpu_queue_runs_every_job_once_and_never_two_on_one_class_folder(tmp_path):
-    dog = dreambench.dreambench_subject("dog", tmp_path)
-    jobs = [
-        ablate.Job(dog, f"v{i}", (), (), tmp_path, 1, root)
-        for i, root in enumerate(["a", "a", "a", "b", None, None])
-    ]
-    spans, lock = [], threading.Lock()
-
-    def launch(job, gpu) -> bool:
-        start = time.monotonic()
-        time.sleep(0.05)
-        with lock:
-            spans.append((job, gpu, start, time.monotonic()))
-        if job.variant == "v5":
-            raise RuntimeError("a crashed worker still frees its class folder")
-        return job.variant != "v3"
-
-    failed = ablate.run_queue(jobs, [0, 1, 2], launch)
-    assert sorted(j.variant for j, *_ in spans) == [j.variant for j in jobs]
-    assert {j.variant for j in failed} == {"v3", "v5"}
-    assert {gpu for _, gpu, *_ in spans} == {0, 1, 2}
-    for a, _, start_a, end_a in spans:
-        for b, _, start_b, end_b in spans:
-            if a is not b and a.class_root is not None and a.class_root == b.class_root:
-                assert end_a <= start_b or end_b <= start_a
+        ablate.plan_job(target("dog"), "wrong_class", opt, [])
