@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm.eval.report import METRICS
 from ldm.train import loop
 from scripts import runner, sweep
 
 from .conftest import ROOT
+from .test_eval_metrics import evaluator, tiny_clip_arch  # noqa: F401 (fixtures)
 from .train_helpers import DEMO, metrics, small_overrides
 
 DOG_PHOTOS = ROOT / "data" / "demo" / "dog"
@@ -134,6 +136,27 @@ def test_failing_combinations_are_reported_and_the_others_run(tmp_path, class_ro
     assert "train.precision='64'" in err
     failed = err.splitlines()[-1]
     assert failed.startswith("sweep.py: failed: ") and failed.count("instance_root=") == 3
+
+
+def test_sweep_evaluates_each_run(tmp_path, class_root, evaluator, capsys):  # noqa: F811
+    out = tmp_path / "sweep"
+    tiny = ["--num_prompts", "1", "--n_samples", "2", "--n_class_images", "1", "--ddim_steps", "2"]
+    target = ["--real_dir", str(DOG_PHOTOS), "--class_word", "dog", *tiny, "--device", "cpu"]
+    argv = sweep_argv(out, class_root, ["train.seed=1"], "train.max_steps=1", "--evaluate", *target)
+    assert sweep.main(argv, evaluator) == 0
+    (row,) = json.loads((out / "sweep.json").read_text())["runs"]
+    report = json.loads((Path(row["run"]) / "eval" / "last" / "dog" / "report.json").read_text())
+    assert {k: row["summary"][f"eval/{k}"] for k in report["metrics"]} == report["metrics"]
+    (line,) = table_rows((out / "sweep.md").read_text())  # the printout has evaluate.py's too
+    assert (out / "sweep.md").read_text().strip() in capsys.readouterr().out
+    assert line.endswith(" | ".join(f"{report['metrics'][k]:.4f}" for k in METRICS) + " |")
+
+    # Evaluation flags without --evaluate, or --evaluate without a target: one line, no run.
+    assert sweep.main(sweep_argv(out, class_root, ["train.seed=2"], *target)) == 1
+    assert sweep.main(sweep_argv(out, class_root, ["train.seed=2"], "--evaluate", *tiny)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert "need --evaluate" in err[0] and "--real_dir with --class_word" in err[1]
+    assert not (out / "runs" / "seed=2").exists()
 
 
 def test_gpu_workers_run_each_job_in_its_own_process(tmp_path, class_root, capsys):
