@@ -7,14 +7,15 @@ r"""The paper's ablations in your setting: train and evaluate each variant on ch
     python scripts/ablate.py -b ... --real_dir photos/rex --class_word dog [--variants ...]
 
 A variant is a config in configs/ablations/ (those above, or one of your own) merged after the
-base configs and a per-subject config (its photos and class noun); `key=value` arguments come
-last. The subjects are the evaluation targets: DreamBench subjects (--subjects with
---dreambench_root) or your own photos (--real_dir with --class_word); `targets()` is where
-another kind of target plugs in. The wrong class noun depends on the subject: "can", or
-"backpack" for a can (--wrong_class sets another). Run folders go to
-OUT/runs/<subject>/<variant>/, and each run is evaluated with scripts/evaluate.py, whose flags
-pass through. Prior-preservation class images are sampled once per class noun into
-OUT/class_images/<noun>/ and shared by the runs that use that noun.
+base configs and a per-subject config (its photos, class noun and other data settings);
+`key=value` arguments come last. The subjects come from an evaluation target
+(scripts/targets.py): DreamBench subjects (--subjects with --dreambench_root) or your own photos
+(--real_dir with --class_word), measured by scripts/evaluate.py, whose flags pass through; the
+target's `evaluate` measures each run, and `targets.target_of` is where another kind plugs in.
+The wrong class noun is the target's choice for each subject ("can", or "backpack" for a can);
+--wrong_class sets another. Run folders go to OUT/runs/<subject>/<variant>/. Prior-preservation
+class images are sampled once per class noun into OUT/class_images/<noun>/ and shared by the runs
+that use that noun.
 
 The runs are a sweep through scripts/sweep.py's runner (scripts/runner.py): one after another,
 or with --gpus 0,1,2 one process per GPU from a queue (output in OUT/logs/); a rerun skips
@@ -27,8 +28,8 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -36,63 +37,34 @@ ROOT = Path(__file__).resolve().parents[1]
 # main.py and scripts/ sit at the repository root, beside (not inside) the installed ldm package.
 sys.path.insert(0, str(ROOT))
 
-from ldm.eval.dreambench import Subject, custom_subject, dreambench_subject  # noqa: E402
-from ldm.eval.metrics import Evaluator  # noqa: E402
-from ldm.eval.report import (  # noqa: E402
-    METRICS,
-    PAPER_TABLE3,
-    PAPER_TABLE4,
-    json_safe,
-    markdown_table,
-    write_report,
-)
+from ldm.checkpoint import write_text_atomic  # noqa: E402
+from ldm.eval.report import json_safe, markdown_table, write_report  # noqa: E402
 from ldm.train.config import load_config  # noqa: E402
 from ldm.train.distributed import parse_gpus  # noqa: E402
 from scripts.runner import (  # noqa: E402
     Job,
-    check_eval_flags,
     evaluation_figures,
-    evaluator_for,
     fail,
     finish,
+    load_networks,
     make_job,
     run_jobs,
     split_args,
     status_of,
 )
+from scripts.targets import Target, TargetSubject, add_target_arguments, target_of  # noqa: E402
 
 ABLATIONS = ROOT / "configs" / "ablations"
-WRONG_CLASSES = ("can", "backpack")  # the paper's example, and a stand-in for the can subject
-# evaluate.py flags that ablate.py sets for each run itself.
-OWN_EVAL_FLAGS = (
-    "ckpt",
-    "config",
-    "subject",
-    "dreambench_root",
-    "real_dir",
-    "class_word",
-    "outdir",
-)
-# (title, metrics, [(variant, row label)], paper rows); the first variant is the reference.
+# (key of the target's paper rows, title, the target's columns: all or "subject" fidelity only,
+# [(variant, row label)]); the first variant is the reference.
 TABLES = (
-    (
-        "Table 3: prior preservation",
-        METRICS,
-        [("prior", "with prior preservation"), ("no_prior", "without prior preservation")],
-        PAPER_TABLE3,
-    ),
-    (
-        "Table 4: class noun",
-        ("dino", "clip_i"),
-        [("prior", "correct class noun"), ("no_class", "no class noun"), ("wrong_class", "wrong class noun")],
-        PAPER_TABLE4,
-    ),
-    (
-        "Text encoder",
-        METRICS,
-        [("prior", "UNet trained"), ("text_encoder", "UNet and text encoder trained")],
-        {},
-    ),
+    ("prior", "Table 3: prior preservation", "all",
+     [("prior", "with prior preservation"), ("no_prior", "without prior preservation")]),
+    ("class_noun", "Table 4: class noun", "subject",
+     [("prior", "correct class noun"), ("no_class", "no class noun"),
+      ("wrong_class", "wrong class noun")]),
+    ("text_encoder", "Text encoder", "all",
+     [("prior", "UNet trained"), ("text_encoder", "UNet and text encoder trained")]),
 )  # fmt: skip
 
 
@@ -105,10 +77,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-b", "--base", nargs="+", required=True, help="base configs, merged in order")
     p.add_argument("--actual_resume", help="base weights (.ckpt / .safetensors)")
-    p.add_argument("--dreambench_root", help="the folder of DreamBench subject folders")
-    p.add_argument("--subjects", help="DreamBench subjects, comma-separated, e.g. dog,backpack")
-    p.add_argument("--real_dir", help="or your own subject's photos (with --class_word)")
-    p.add_argument("--class_word", help="your subject's class noun, e.g. dog")
+    add_target_arguments(p, several=True)
     p.add_argument("--variants", default=None, help="comma-separated (default: all)")
     p.add_argument("--wrong_class", help="the wrong class noun for every subject")
     p.add_argument("--out", default="outputs/ablations")
@@ -121,63 +90,39 @@ def available_variants() -> list[str]:
     return sorted(p.stem for p in ABLATIONS.glob("*.yaml"))
 
 
-@dataclass(frozen=True)
-class Target:
-    """What a variant trains on and is evaluated against."""
-
-    subject: Subject  # its name, class noun and photos
-    eval_args: tuple[str, ...]  # the scripts/evaluate.py flags that name it
-
-
-def targets(opt: argparse.Namespace) -> list[Target]:
-    """The evaluation targets the flags name: DreamBench subjects, or your own photos."""
-    if opt.subjects and opt.real_dir:
-        raise ValueError("pass --subjects (DreamBench) or --real_dir, not both")
-    if opt.subjects:
-        if not opt.dreambench_root:
-            raise ValueError("--subjects needs --dreambench_root, the folder of subject folders")
-        root = opt.dreambench_root
-        names = [s for s in opt.subjects.split(",") if s]
-        return [
-            Target(dreambench_subject(n, root), ("--subject", n, "--dreambench_root", root))
-            for n in names
-        ]
-    if opt.real_dir and opt.class_word:
-        subject = custom_subject(opt.real_dir, opt.class_word)
-        return [Target(subject, ("--real_dir", opt.real_dir, "--class_word", opt.class_word))]
-    raise ValueError("pass --subjects with --dreambench_root, or --real_dir with --class_word")
-
-
-def wrong_class(subject: Subject, choice: str | None) -> str:
+def wrong_class(target: Target, subject: TargetSubject, choice: str | None) -> str:
     if choice is None:
-        return next(w for w in WRONG_CLASSES if w != subject.class_word)
+        return target.wrong_class(subject)
     if choice == subject.class_word:
         raise ValueError(f"--wrong_class {choice} is the class of subject {subject.name}")
     return choice
 
 
-def subject_config(out: Path, subject: Subject) -> Path:
-    """OUT/subjects/<name>.yaml: the subject's photos and class noun, merged before a variant."""
+def subject_config(out: Path, subject: TargetSubject) -> Path:
+    """OUT/subjects/<name>.yaml: the subject's data settings (photos, class noun, ...), merged
+    before a variant."""
     path = out / "subjects" / f"{subject.name}.yaml"
-    data = {"instance_root": str(subject.real_dir.resolve()), "class_word": subject.class_word}
-    text = OmegaConf.to_yaml(OmegaConf.create({"data": data}))
+    text = OmegaConf.to_yaml(OmegaConf.create({"data": subject.data_config()}))
     # Written only when it changes: GPU workers read it while others may be starting.
     if not path.is_file() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        write_text_atomic(path, text)
     return path
 
 
 def plan_job(
-    target: Target, variant: str, opt: argparse.Namespace, overrides: list[str], eval_flags=()
+    target: Target,
+    subject: TargetSubject,
+    variant: str,
+    opt: argparse.Namespace,
+    overrides: list[str],
 ) -> Job:
-    """One variant on one target: its configs and overrides, checked as main.py will load them."""
-    subject = target.subject
+    """One variant on one subject: its configs and overrides, checked as main.py will load
+    them, and the target that measures its run."""
     out = Path(opt.out)
     bases = (*opt.base, str(subject_config(out, subject)), str(ABLATIONS / f"{variant}.yaml"))
     extra = list(overrides)
     if variant == "wrong_class":  # before the user's overrides, which may still set it
-        extra.insert(0, f"data.class_word={wrong_class(subject, opt.wrong_class)}")
+        extra.insert(0, f"data.class_word={wrong_class(target, subject, opt.wrong_class)}")
     if opt.actual_resume:
         extra.insert(0, f"train.actual_resume={opt.actual_resume}")
     if not any(o.startswith("data.class_root=") for o in overrides):
@@ -185,54 +130,53 @@ def plan_job(
         extra.append(f"data.class_root={(out / 'class_images' / noun).resolve()}")
     labels = [("subject", subject.name), ("variant", variant)]
     logdir = out / "runs" / subject.name / variant
-    eval_args = [*target.eval_args, *eval_flags]
-    return make_job(
-        f"{subject.name}/{variant}", labels, bases, extra, logdir, eval_args, opt.device
-    )
+    name = f"{subject.name}/{variant}"
+    return make_job(name, labels, bases, extra, logdir, target, subject, opt.device)
 
 
-def collect(jobs: Sequence[Job]) -> dict[str, dict[str, dict[str, float]]]:
-    """{variant: {subject: metrics}} from the runs' summaries (what evaluate.py recorded)."""
+def collect(jobs: Sequence[Job], target: Target) -> dict[str, dict[str, dict[str, float]]]:
+    """{variant: {subject: metrics}} from the runs' summaries (what the target measured)."""
     results: dict[str, dict[str, dict[str, float]]] = {}
     for job in jobs:
         labels = dict(job.labels)
-        metrics = evaluation_figures(status_of(job, set())["summary"], METRICS)
+        metrics = evaluation_figures(status_of(job, set())["summary"], target.metrics)
         if metrics is not None:
             results.setdefault(labels["variant"], {})[labels["subject"]] = metrics
     return results
 
 
-def mean_over_subjects(per_subject: dict[str, dict[str, float]]) -> dict[str, float]:
+def mean_over_subjects(
+    per_subject: dict[str, dict[str, float]], metrics: Sequence[str]
+) -> dict[str, float]:
     """Each metric's mean over the subjects that have it (PRES and DIV may be NaN)."""
     means = {}
-    for metric in METRICS:
+    for metric in metrics:
         values = [m[metric] for m in per_subject.values() if not math.isnan(m[metric])]
         means[metric] = sum(values) / len(values) if values else math.nan
     return means
 
 
-def summary(results: dict[str, dict[str, dict[str, float]]]) -> str:
+def summary(results: dict[str, dict[str, dict[str, float]]], target: Target) -> str:
     """Markdown: every variant, then each paper table whose ablated variant ran."""
-    means = {variant: mean_over_subjects(runs) for variant, runs in results.items()}
+    means = {v: mean_over_subjects(runs, target.metrics) for v, runs in results.items()}
     subjects = sorted({s for runs in results.values() for s in runs})
     parts = [
         f"# Ablations: mean over {len(subjects)} subject(s): {', '.join(subjects)}",
-        markdown_table(list(means.items())),
+        markdown_table(list(means.items()), target.metrics, target.headers),
     ]
-    for title, metrics, rows, paper in TABLES:
+    for key, title, columns, rows in TABLES:
         if not any(variant in means for variant, _ in rows[1:]):
             continue
+        metrics = target.subject_metrics if columns == "subject" else target.metrics
         ours = [(f"{label}, ours", means[v]) for v, label in rows if v in means]
-        parts += [f"## {title}", markdown_table([*ours, *paper.items()], metrics)]
-    parts.append(
-        "The paper's ablations were run with Imagen, over the 30 DreamBench subjects. CLIP-T "
-        "embeds the prompts without the identifier. Per-run reports: "
-        "OUT/runs/<subject>/<variant>/<run>/eval/last/<subject>/report.md."
-    )
+        paper = list(target.paper.get(key, {}).items())
+        parts += [f"## {title}", markdown_table([*ours, *paper], metrics, target.headers)]
+    if target.notes:
+        parts.append(target.notes)
     return "\n\n".join(parts)
 
 
-def plan(opt: argparse.Namespace, overrides: list[str], eval_flags: list[str]) -> list[Job]:
+def plan(opt: argparse.Namespace, target: Target, overrides: list[str]) -> list[Job]:
     variants = opt.variants.split(",") if opt.variants else available_variants()
     unknown = [v for v in variants if v not in available_variants()]
     if unknown:
@@ -240,31 +184,35 @@ def plan(opt: argparse.Namespace, overrides: list[str], eval_flags: list[str]) -
             f"unknown variant(s) {', '.join(unknown)}: configs/ablations/ has "
             f"{', '.join(available_variants())}"
         )
-    return [plan_job(t, v, opt, overrides, eval_flags) for t in targets(opt) for v in variants]
+    subjects = target.subjects(Path(opt.out))
+    return [plan_job(target, s, v, opt, overrides) for s in subjects for v in variants]
 
 
-def main(argv: list[str] | None = None, evaluator: Evaluator | None = None) -> int:
-    """Exit code: 0, or 1 if anything failed. `evaluator` replaces the networks built from the
-    weight flags (tests pass tiny ones)."""
+def main(argv: list[str] | None = None, networks: Any = None, target: Target | None = None) -> int:
+    """Exit code: 0, or 1 if anything failed. `networks` replaces the target's measuring
+    networks built from the weight flags (tests pass tiny ones); `target` replaces the one the
+    flags name."""
     argv = sys.argv[1:] if argv is None else list(argv)
     opt, rest = parser().parse_known_args(argv)
     overrides, eval_flags = split_args(rest)
     try:
-        eval_opt = check_eval_flags(eval_flags, OWN_EVAL_FLAGS)
-        jobs = plan(opt, overrides, eval_flags)
+        target = target or target_of(opt, eval_flags)
+        jobs = plan(opt, target, overrides)
         gpus = parse_gpus(opt.gpus)
-        evaluator = evaluator_for(eval_opt, gpus, opt.device, evaluator)
+        networks = load_networks(target, gpus, opt.device, networks)
     except (ValueError, OSError, RuntimeError) as e:
         return fail("ablate.py", e)
-    failed, stopped = run_jobs(jobs, gpus, Path(opt.out), evaluator)
-    results = collect(jobs)
-    markdown = summary(results)
+    failed, stopped = run_jobs(jobs, gpus, Path(opt.out), networks)
+    results = collect(jobs, target)
+    markdown = summary(results, target)
+    means = {v: mean_over_subjects(runs, target.metrics) for v, runs in results.items()}
     data = {
-        "subjects": [t.subject.name for t in targets(opt)],
+        "target": target.kind,
+        "subjects": list(dict.fromkeys(job.subject.name for job in jobs)),
         "runs": {v: {s: json_safe(m) for s, m in runs.items()} for v, runs in results.items()},
-        "means": {v: json_safe(mean_over_subjects(runs)) for v, runs in results.items()},
+        "means": {v: json_safe(m) for v, m in means.items()},
         "failed": sorted(failed),
-        "paper": {"table3": PAPER_TABLE3, "table4": PAPER_TABLE4},
+        "paper": target.paper,
     }
     write_report(opt.out, data, markdown, name="ablation")
     print(markdown)

@@ -16,7 +16,6 @@ one is named with the address to download it from.
 
 import argparse
 import gc
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from ldm.eval.metrics import Evaluator, strip_identifier
 from ldm.eval.report import PAPER_TABLE1, json_safe, markdown_table, write_report
 from ldm.sample import prepare_for_sampling
 from ldm.train.state import RunDir
-from ldm.train.trackers import summary_trackers, update_summary
+from ldm.train.trackers import record_evaluation
 from ldm.util import default_precision
 
 WEIGHTS = Path("models/eval")
@@ -279,8 +278,11 @@ def report(
     return data, "\n\n".join([title, markdown_table(rows), fine_print])
 
 
-def evaluate(target: Target, opt: argparse.Namespace, evaluator: Evaluator) -> tuple[dict, str]:
-    """Generate what is missing, measure, and write report.json and report.md."""
+def evaluate(
+    target: Target, opt: argparse.Namespace, evaluator: Evaluator
+) -> tuple[dict[str, float], str]:
+    """Generate what is missing, measure, and write report.json and report.md; returns the
+    metrics and the report's markdown."""
     settings = sampling_settings(opt, target)
     subject_specs, class_specs = plan(target, opt)
     real = [load_rgb(p) for p in target.subject.real_images()]
@@ -293,23 +295,15 @@ def evaluate(target: Target, opt: argparse.Namespace, evaluator: Evaluator) -> t
     )
     data, markdown = report(target, opt, settings, metrics, len(real))
     write_report(target.outdir, data, markdown)
-    record_in_run(target, opt, metrics)
-    return data, markdown
+    return metrics, markdown
 
 
 def record_in_run(target: Target, opt: argparse.Namespace, metrics: dict) -> None:
-    """The figures of a run's last.ckpt also go into the run's summary (summary.json,
-    TensorBoard's HParams view, W&B), where sweeps and run comparisons read them."""
+    """The figures of a run's last.ckpt also go into the run's summary, where sweeps and run
+    comparisons read them (an evaluation of another checkpoint does not describe the run)."""
     run = RunDir(target.ckpt.parent.parent)
-    if opt.config or target.ckpt != run.last:
-        return
-    trackers = summary_trackers(run.root, target.config)
-    max_steps = OmegaConf.select(target.config, "train.max_steps", default=math.inf)
-    try:
-        update_summary(run.root, {f"eval/{k}": v for k, v in metrics.items()}, trackers, max_steps)
-    finally:
-        for tracker in trackers:
-            tracker.close()
+    if not opt.config and target.ckpt == run.last:
+        record_evaluation(run.root, target.config, metrics)
 
 
 def fail(e: Exception) -> int:
@@ -328,7 +322,8 @@ def main(argv: list[str] | None = None, evaluator: Evaluator | None = None) -> i
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: a weight file's keys
         return fail(e)
     try:
-        _, markdown = evaluate(target, opt, evaluator)
+        metrics, markdown = evaluate(target, opt, evaluator)
+        record_in_run(target, opt, metrics)
     except (ValueError, OSError, torch.OutOfMemoryError) as e:
         return fail(e)
     print(markdown)

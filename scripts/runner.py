@@ -1,15 +1,14 @@
 """The one sweep runner, under scripts/sweep.py (grids) and scripts/ablate.py (the paper's variants).
 
 A job is a run to train through main.py (configs and `key=value` overrides) and, if it names an
-evaluation target (scripts/evaluate.py flags, e.g. `--subject dog --dreambench_root ...`), to
-evaluate. Each job owns a folder of run folders; its run is the newest one with a last.ckpt, so a
+evaluation target and subject (scripts/targets.py), to evaluate: the target measures the run's
+last.ckpt and the figures go into the run's summary (eval/<name>), where the tables read them. Each job owns a folder of run folders; its run is the newest one with a last.ckpt, so a
 rerun skips a finished run, resumes a stopped one, and starts one that never saved. Jobs run one
 after another in this process, or one per GPU from a queue, each in its own process
 (`sweep.py --job JSON`). A failed job is recorded and the others go on; a stop signal ends the
 sweep after the running jobs have saved their checkpoints.
 """
 
-import argparse
 import json
 import math
 import os
@@ -19,18 +18,20 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 import main as train_main
 from ldm.checkpoint import read_checkpoint
-from ldm.eval.metrics import Evaluator
 from ldm.train.config import config_leaves, load_config, uses_prior
 from ldm.train.state import RunDir
-from ldm.train.trackers import read_summary
-from scripts import evaluate
+from ldm.train.trackers import read_summary, record_evaluation
+from scripts import targets
+from scripts.targets import Target, TargetSubject
 
 SCRIPT = Path(__file__).resolve().parent / "sweep.py"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -52,7 +53,8 @@ class Job:
     max_steps: int = 0
     class_root: str | None = None  # the class-image folder it fills (None: no prior loss)
     class_images: int = 0  # how many images that folder needs
-    eval_args: tuple[str, ...] | None = None  # scripts/evaluate.py flags; None: no evaluation
+    target: Target | None = None  # what measures its run (None: no evaluation)
+    subject: TargetSubject | None = None  # the target's subject the run trains on
     device: str | None = None
     error: str | None = None  # why it cannot run (its config does not load)
 
@@ -70,16 +72,17 @@ def fail(prog: str, e: BaseException) -> int:
     return 1
 
 
-def make_job(name, labels, bases, overrides, logdir, eval_args=None, device=None) -> Job:
+def make_job(name, labels, bases, overrides, logdir, target=None, subject=None, device=None) -> Job:
     """A job, checked as main.py will load it; a config that does not load gives a job that
-    reports its error instead of running."""
+    reports its error instead of running. `target` evaluates the run as one of `subject`."""
     job = Job(
         name,
         labels=tuple((key, str(value)) for key, value in labels),
         bases=tuple(map(str, bases)),
         overrides=tuple(overrides),
         logdir=str(logdir),
-        eval_args=None if eval_args is None else tuple(eval_args),
+        target=target,
+        subject=subject,
         device=device,
     )
     try:
@@ -94,11 +97,23 @@ def make_job(name, labels, bases, overrides, logdir, eval_args=None, device=None
     )
 
 
+def job_to_json(job: Job) -> str:
+    """The job for a worker process (`sweep.py --job JSON`)."""
+    data = {f.name: getattr(job, f.name) for f in fields(job)}
+    data["target"] = None if job.target is None else targets.to_json(job.target)
+    data["subject"] = None if job.subject is None else targets.to_json(job.subject)
+    return json.dumps(data)
+
+
 def job_from_json(text: str) -> Job:
     data = json.loads(text)
     data["labels"] = tuple(tuple(pair) for pair in data["labels"])
-    for key in ("bases", "overrides", "eval_args"):
-        data[key] = None if data[key] is None else tuple(data[key])
+    for key in ("bases", "overrides"):
+        data[key] = tuple(data[key])
+    data["target"], data["subject"] = (
+        targets.from_json(data["target"]),
+        targets.from_json(data["subject"]),
+    )
     return Job(**data)
 
 
@@ -108,21 +123,12 @@ def split_args(rest: Sequence[str]) -> tuple[list[str], list[str]]:
     return overrides, [a for a in rest if a not in overrides]
 
 
-def check_eval_flags(flags: list[str], own: Sequence[str]) -> argparse.Namespace:
-    """evaluate.py's view of the flags passed through (argparse exits on an unknown one)."""
-    opt = evaluate.parser().parse_args(flags)
-    taken = [f"--{f}" for f in own if getattr(opt, f) is not None]
-    if taken:
-        raise ValueError(f"the sweep sets {', '.join(taken)} for each run itself")
-    return opt
-
-
-def evaluator_for(eval_opt, gpus, device: str | None, evaluator: Evaluator | None) -> Evaluator:
-    """The metric networks, built before any training so that a missing weight file fails now;
-    with GPU workers (which build their own) only as that check, on the CPU."""
-    if evaluator is not None:
-        return evaluator
-    return evaluate.build_evaluator(eval_opt, "cpu" if gpus else (device or eval_opt.device))
+def load_networks(target: Target, gpus, device: str | None, networks: Any = None) -> Any:
+    """The target's measuring networks, built before any training so that a missing weight file
+    fails now; with GPU workers (which build their own) only as that check, on the CPU."""
+    if networks is not None:
+        return networks
+    return target.load("cpu" if gpus else device)
 
 
 def finish(prog: str, failed: set[str], stopped: bool) -> int:
@@ -178,7 +184,23 @@ def train_job(job: Job) -> Path | None:
     return latest_run(job)
 
 
-def run_job(job: Job, evaluator: Evaluator | None = None) -> bool:
+def evaluate_job(job: Job, run: Path, networks: Any = None) -> bool:
+    """Measure the run with its target and record the figures in its summary; False (with one
+    line) if that failed. `networks`: the target's, or None to build them here."""
+    try:
+        networks = job.target.load(job.device) if networks is None else networks
+        figures = job.target.evaluate(networks, run, job.subject, job.device)
+        record_evaluation(run, OmegaConf.create(read_checkpoint(RunDir(run).last)[1]["config"]),
+                          figures)  # fmt: skip
+    except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
+        print(f"{job.name}: evaluation failed: {one_line(e)}", file=sys.stderr)
+        return False
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in figures.items())
+    print(f"{job.name}: evaluated: {shown}", flush=True)
+    return True
+
+
+def run_job(job: Job, networks: Any = None) -> bool:
     """Train (or skip), then evaluate; False if either failed. Raises Stopped."""
     if job.error is not None:
         print(f"{job.name}: {job.error}", file=sys.stderr)
@@ -188,19 +210,16 @@ def run_job(job: Job, evaluator: Evaluator | None = None) -> bool:
         return False
     if trained_steps(run) < job.max_steps:
         raise Stopped(job.name)
-    if job.eval_args is None:
-        return True
-    device = ["--device", job.device] if job.device else []
-    return evaluate.main(["--ckpt", str(run), *device, *job.eval_args], evaluator) == 0
+    return job.target is None or evaluate_job(job, run, networks)
 
 
-def run_in_process(jobs: Sequence[Job], evaluator: Evaluator | None) -> tuple[set[str], bool]:
+def run_in_process(jobs: Sequence[Job], networks: Any) -> tuple[set[str], bool]:
     """One job after another, in this process (training's stop signals need the main thread).
     Returns (names of failed jobs, whether a stop signal ended the sweep)."""
     failed = set()
     for job in jobs:
         try:
-            ok = run_job(job, evaluator)
+            ok = run_job(job, networks)
         except (Stopped, KeyboardInterrupt):
             return failed, True
         except Exception:  # an internal error in one run: report it and go on with the others
@@ -272,7 +291,7 @@ def run_on_gpus(jobs: Sequence[Job], gpus: Sequence[int], out: Path) -> tuple[se
         log = out / "logs" / f"{job.run_name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"GPU {gpu}: {job.name} (log: {log})", flush=True)
-        command = [sys.executable, str(SCRIPT), "--job", json.dumps(asdict(job))]
+        command = [sys.executable, str(SCRIPT), "--job", job_to_json(job)]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
         with open(log, "w") as f, lock:
             child = subprocess.Popen(command, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -300,11 +319,12 @@ def run_on_gpus(jobs: Sequence[Job], gpus: Sequence[int], out: Path) -> tuple[se
     return failed, stop.is_set()
 
 
-def run_jobs(jobs, gpus, out: Path, evaluator=None) -> tuple[set[str], bool]:
-    """Run the jobs (on `gpus`, or here); (names of failed jobs, stopped by a signal)."""
+def run_jobs(jobs, gpus, out: Path, networks: Any = None) -> tuple[set[str], bool]:
+    """Run the jobs (on `gpus`, or here with the targets' `networks`); (names of failed jobs,
+    stopped by a signal)."""
     if gpus:
         return run_on_gpus(jobs, gpus, out)
-    return run_in_process(jobs, evaluator)
+    return run_in_process(jobs, networks)
 
 
 def status_of(job: Job, failed: set[str]) -> dict:
@@ -329,7 +349,7 @@ def status_of(job: Job, failed: set[str]) -> dict:
 
 
 def evaluation_figures(summary: dict, metrics: Sequence[str]) -> dict[str, float] | None:
-    """The evaluate.py figures in a run's summary (NaN where one is missing), or None."""
+    """The evaluation figures in a run's summary (NaN where one is missing), or None."""
     if not any(key.startswith("eval/") for key in summary):
         return None
     values = {m: summary.get(f"eval/{m}") for m in metrics}

@@ -15,9 +15,10 @@ the rest, so a sweep can be stopped (Ctrl-C, SIGTERM) at any time. A run that fa
 and the others go on; a run folder trained with other settings is refused, not reused.
 
 Runs go one after another in this process, or with --gpus one process per GPU from a queue
-(logs in OUT/logs/). `--evaluate` runs scripts/evaluate.py on each run's last.ckpt; unknown
-`--flags` go to it and name the target (`--subject dog --dreambench_root ...`, or
-`--real_dir ... --class_word ...`). At the end a table of the runs' final metrics (each run's
+(logs in OUT/logs/). `--evaluate` measures each run's last.ckpt against a target
+(scripts/targets.py) with scripts/evaluate.py: a DreamBench subject (`--subject dog
+--dreambench_root ...`) or your own photos (`--real_dir ... --class_word ...`); other unknown
+`--flags` go to evaluate.py. At the end a table of the runs' final metrics (each run's
 summary.json: step, training and validation loss, and the evaluation figures) is printed and
 written to OUT/sweep.md and OUT/sweep.json. scripts/ablate.py is a sweep through the same code.
 """
@@ -28,29 +29,28 @@ import random
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # main.py and scripts/ sit at the repository root, beside (not inside) the installed ldm package.
 sys.path.insert(0, str(ROOT))
 
-from ldm.eval.metrics import Evaluator  # noqa: E402
-from ldm.eval.report import HEADERS, METRICS, write_report  # noqa: E402
+from ldm.eval.report import write_report  # noqa: E402
 from ldm.train.distributed import parse_gpus  # noqa: E402
-from scripts import evaluate  # noqa: E402
 from scripts.runner import (  # noqa: E402
     Job,
     Stopped,
-    check_eval_flags,
-    evaluator_for,
     fail,
     finish,
     job_from_json,
+    load_networks,
     make_job,
     run_job,
     run_jobs,
     split_args,
     status_of,
 )
+from scripts.targets import Target, add_target_arguments, names_target, target_of  # noqa: E402
 
 UNSAFE = re.compile(r"[^\w.+=-]+")  # what a run name (a folder name) does not keep
 LOSSES = ("train/loss", "val/loss", "val/best_loss")
@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/sweep", help="the sweep's folder")
     p.add_argument("--gpus", help="e.g. 0,1: one run per GPU at a time")
     p.add_argument("--device", help="cpu or cuda, for training and evaluation")
-    p.add_argument("--evaluate", action="store_true", help="run scripts/evaluate.py on each run")
+    p.add_argument("--evaluate", action="store_true", help="measure each run against a target")
+    add_target_arguments(p, several=False)
     p.add_argument("--job", help=argparse.SUPPRESS)  # one job, as JSON: a GPU worker's command
     return p
 
@@ -126,7 +127,7 @@ def run_name(combo: list[tuple[str, str]]) -> str:
     return "_".join(parts)
 
 
-def plan(opt: argparse.Namespace, overrides: list[str], eval_args: list[str] | None) -> list[Job]:
+def plan(opt: argparse.Namespace, overrides: list[str], target: Target | None) -> list[Job]:
     if not opt.base:
         raise ValueError("pass the configs with -b/--base")
     axes = parse_grid(opt.grid)
@@ -135,6 +136,11 @@ def plan(opt: argparse.Namespace, overrides: list[str], eval_args: list[str] | N
     fixed = [*overrides]
     if opt.actual_resume:
         fixed.insert(0, f"train.actual_resume={opt.actual_resume}")
+    subject = None
+    if target is not None:
+        (subject, *more) = target.subjects(Path(opt.out))
+        if more:
+            raise ValueError("--evaluate measures every run against one subject")
     jobs, names = [], {}
     for combo in combinations(axes, opt.random, opt.seed):
         name = run_name(combo)
@@ -143,7 +149,8 @@ def plan(opt: argparse.Namespace, overrides: list[str], eval_args: list[str] | N
         names[name] = combo
         grid = [f"{k}={v}" for k, v in combo]
         logdir = Path(opt.out) / "runs" / name
-        jobs.append(make_job(name, combo, opt.base, [*fixed, *grid], logdir, eval_args, opt.device))
+        args = (opt.base, [*fixed, *grid], logdir, target, subject, opt.device)
+        jobs.append(make_job(name, combo, *args))
     return jobs
 
 
@@ -151,11 +158,14 @@ def number(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def table(jobs: list[Job], rows: list[dict], evaluated: bool) -> str:
-    """Markdown: one row per run, its grid values, status, step and final metrics."""
+def table(jobs: list[Job], rows: list[dict], target: Target | None) -> str:
+    """Markdown: one row per run, its grid values, status, step and final metrics (with the
+    target's figures when it evaluated the runs)."""
     keys = list(dict.fromkeys(k for job in jobs for k, _ in job.labels))
-    metrics = [*LOSSES, *(f"eval/{m}" for m in METRICS if evaluated)]
-    heads = [*keys, "status", "step", *(HEADERS.get(m[5:], m) for m in metrics)]
+    figures = target.metrics if target is not None else ()
+    metrics = [*LOSSES, *(f"eval/{m}" for m in figures)]
+    headers = target.headers if target is not None else {}
+    heads = [*keys, "status", "step", *(headers.get(m[5:], m) for m in metrics)]
     align = ["---"] * (len(keys) + 1) + ["---:"] * (len(heads) - len(keys) - 1)
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(align) + "|"]
     for job, row in zip(jobs, rows):
@@ -167,9 +177,9 @@ def table(jobs: list[Job], rows: list[dict], evaluated: bool) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None, evaluator: Evaluator | None = None) -> int:
-    """Exit code: 0, or 1 if a run failed. `evaluator` replaces the networks built from the
-    weight flags (tests pass tiny ones)."""
+def main(argv: list[str] | None = None, networks: Any = None) -> int:
+    """Exit code: 0, or 1 if a run failed. `networks` replaces the target's measuring networks
+    built from the weight flags (tests pass tiny ones)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     opt, rest = parser().parse_known_args(argv)
     if opt.job:  # a GPU worker: one job, in this process
@@ -181,22 +191,19 @@ def main(argv: list[str] | None = None, evaluator: Evaluator | None = None) -> i
     overrides, eval_flags = split_args([b for b in opt.base if "=" in b] + rest)
     opt.base = [b for b in opt.base if "=" not in b]
     try:
-        if eval_flags and not opt.evaluate:
-            flags = " ".join(eval_flags)
-            raise ValueError(f"unrecognised arguments: {flags} (evaluate.py flags need --evaluate)")
-        eval_opt = None
-        if opt.evaluate:
-            eval_opt = check_eval_flags(eval_flags, own=("ckpt",))
-            evaluate.subject_of(eval_opt)  # the target: a missing or half-given one fails now
-        jobs = plan(opt, overrides, eval_flags if opt.evaluate else None)
+        if not opt.evaluate and (eval_flags or names_target(opt)):
+            given = " ".join(eval_flags) or "--subject, --dreambench_root, --real_dir, --class_word"
+            raise ValueError(f"evaluation flags need --evaluate: {given}")
+        target = target_of(opt, eval_flags) if opt.evaluate else None
+        jobs = plan(opt, overrides, target)
         gpus = parse_gpus(opt.gpus)
-        if eval_opt is not None:
-            evaluator = evaluator_for(eval_opt, gpus, opt.device, evaluator)
+        if target is not None:
+            networks = load_networks(target, gpus, opt.device, networks)
     except (ValueError, OSError, RuntimeError) as e:
         return fail("sweep.py", e)
-    failed, stopped = run_jobs(jobs, gpus, Path(opt.out), evaluator)
+    failed, stopped = run_jobs(jobs, gpus, Path(opt.out), networks)
     rows = [status_of(job, failed) for job in jobs]
-    markdown = table(jobs, rows, opt.evaluate)
+    markdown = table(jobs, rows, target)
     write_report(opt.out, {"bases": opt.base, "grid": opt.grid, "runs": rows}, markdown, "sweep")
     print(markdown)
     return finish("sweep.py", failed, stopped)

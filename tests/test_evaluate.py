@@ -21,7 +21,7 @@ from ldm.eval.generate import (
 )
 from ldm.eval.report import format_value
 from ldm.train.trackers import read_summary
-from scripts import ablate, evaluate, runner
+from scripts import ablate, evaluate, runner, targets
 
 from .conftest import ROOT
 from .test_eval_metrics import evaluator, tiny_clip_arch  # noqa: F401 (fixtures)
@@ -248,12 +248,11 @@ def test_ablation_plans_per_subject_class_nouns(tmp_path):
     argv = ["-b", str(DEMO), "--dreambench_root", str(tmp_path), "--subjects", "x"]
     opt, _ = ablate.parser().parse_known_args([*argv, "--out", str(tmp_path / "out")])
 
-    def target(name: str) -> ablate.Target:
-        return ablate.Target(dreambench.dreambench_subject(name, tmp_path), ())
-
+    target = targets.DreamBenchTarget(root=str(tmp_path), names=("dog", "can", "bear_plushie"))
+    subjects = {s.name: s for s in target.subjects(tmp_path)}
     jobs = {
-        (s, v): ablate.plan_job(target(s), v, opt, ["train.max_steps=5"])
-        for s in ("dog", "can", "bear_plushie")
+        (s, v): ablate.plan_job(target, subjects[s], v, opt, ["train.max_steps=5"])
+        for s in subjects
         for v in ("wrong_class", "no_class", "no_prior", "prior", "text_encoder")
     }
     classes = {
@@ -271,4 +270,4 @@ def test_ablation_plans_per_subject_class_nouns(tmp_path):
     assert jobs[("dog", "text_encoder")].bases[-1].endswith("configs/ablations/text_encoder.yaml")
     opt.wrong_class = "dog"
     with pytest.raises(ValueError, match="--wrong_class dog is the class of subject dog"):
-        ablate.plan_job(target("dog"), "wrong_class", opt, [])
+        ablate.plan_job(target, subjects["dog"], "wrong_class", opt, [])

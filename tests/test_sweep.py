@@ -14,7 +14,7 @@ import torch
 
 from ldm.eval.report import METRICS
 from ldm.train import loop
-from scripts import runner, sweep
+from scripts import runner, sweep, targets
 
 from .conftest import ROOT
 from .test_eval_metrics import evaluator, tiny_clip_arch  # noqa: F401 (fixtures)
@@ -154,8 +154,12 @@ def test_sweep_evaluates_each_run(tmp_path, class_root, evaluator, capsys):  # n
     # Evaluation flags without --evaluate, or --evaluate without a target: one line, no run.
     assert sweep.main(sweep_argv(out, class_root, ["train.seed=2"], *target)) == 1
     assert sweep.main(sweep_argv(out, class_root, ["train.seed=2"], "--evaluate", *tiny)) == 1
+    assert sweep.main(sweep_argv(out, class_root, ["train.seed=2"], *target[:4])) == 1
     err = capsys.readouterr().err.splitlines()
     assert "need --evaluate" in err[0] and "--real_dir with --class_word" in err[1]
+    assert err[2].endswith(
+        "need --evaluate: --subject, --dreambench_root, --real_dir, --class_word"
+    )
     assert not (out / "runs" / "seed=2").exists()
 
 
@@ -172,9 +176,16 @@ def test_gpu_workers_run_each_job_in_its_own_process(tmp_path, class_root, capsy
 
 
 def test_jobs_survive_a_round_trip_through_json(tmp_path):
-    job = runner.make_job("a/b", [("k", 1)], [DEMO], ["train.max_steps=2"], tmp_path, ["--x"])
-    assert runner.job_from_json(json.dumps(job.__dict__)) == job
-    assert job.max_steps == 2 and job.eval_args == ("--x",) and job.run_name == "a_b"
+    """A GPU worker rebuilds its job, target included, from the JSON on its command line."""
+    target = targets.DreamBenchTarget(("--n_samples", "2"), root=str(tmp_path), names=("dog",))
+    (subject,) = target.subjects(tmp_path)
+    args = ([DEMO], ["train.max_steps=2"], tmp_path, target, subject, "cpu")
+    job = runner.make_job("a/b", [("k", 1)], *args)
+    again = runner.job_from_json(runner.job_to_json(job))
+    assert again == job and type(again.target) is targets.DreamBenchTarget
+    assert job.max_steps == 2 and job.run_name == "a_b" and again.subject.class_word == "dog"
+    plain = runner.make_job("c", [], [DEMO], [], tmp_path)
+    assert runner.job_from_json(runner.job_to_json(plain)) == plain
 
 
 def queue_job(name: str, root: str | None) -> runner.Job:

@@ -11,7 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 
 import main
-from ldm.train.trackers import read_summary, summary_trackers, update_summary
+from ldm.train.trackers import read_summary, record_evaluation
 
 from .conftest import ROOT
 from .train_helpers import DEMO, hparams_record, metrics, small_overrides
@@ -176,10 +176,7 @@ def test_wandb_offline_run_and_resume(tmp_path, class_root, wandb_offline, monke
 
     # An evaluation of last.ckpt (scripts/evaluate.py's path) joins the W&B run's summary.
     cfg = OmegaConf.load(next((run / "configs").glob("*-project.yaml")))
-    trackers = summary_trackers(run, cfg)
-    update_summary(run, {"eval/dino": 0.5}, trackers, cfg.train.max_steps)
-    for tracker in trackers:
-        tracker.close()
+    record_evaluation(run, cfg, {"dino": 0.5})
     (evaluated,) = set(run.glob("wandb/offline-run-*-sweeprun1")) - {first}
     summary = summary_items(wandb_records(evaluated / "run-sweeprun1.wandb"))
     assert json.loads(summary["eval/dino"]) == 0.5

@@ -49,11 +49,14 @@ def format_value(value: float | None) -> str:
 
 
 def markdown_table(
-    rows: Sequence[tuple[str, Mapping[str, float | None]]], metrics: Sequence[str] = METRICS
+    rows: Sequence[tuple[str, Mapping[str, float | None]]],
+    metrics: Sequence[str] = METRICS,
+    headers: Mapping[str, str] = HEADERS,
 ) -> str:
-    """A markdown table: one row per (label, {metric: value}), one column per metric."""
+    """A markdown table: one row per (label, {metric: value}), one column per metric, titled by
+    `headers` (or the metric's name)."""
     lines = [
-        "| | " + " | ".join(HEADERS[m] for m in metrics) + " |",
+        "| | " + " | ".join(headers.get(m, m) for m in metrics) + " |",
         "|---|" + "---:|" * len(metrics),
     ]
     for label, values in rows:

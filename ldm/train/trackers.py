@@ -90,6 +90,18 @@ def summary_trackers(root: Path, cfg: DictConfig) -> list[Tracker]:
     return trackers
 
 
+def record_evaluation(root: Path, cfg: DictConfig, figures: Mapping[str, float]) -> None:
+    """The evaluation figures of a run's last.ckpt into its summary as `eval/<name>`, and into
+    the run's trackers (TensorBoard's HParams session, its W&B run)."""
+    trackers = summary_trackers(root, cfg)
+    max_steps = OmegaConf.select(cfg, "train.max_steps", default=math.inf)
+    try:
+        update_summary(root, {f"eval/{k}": v for k, v in figures.items()}, trackers, max_steps)
+    finally:
+        for tracker in trackers:
+            tracker.close()
+
+
 def import_wandb():
     """The wandb module, or a one-line ConfigError saying how to install it."""
     try:
