@@ -114,8 +114,10 @@ def resolve(args, overrides: list[str]):
 def check_data(cfg) -> None:
     """Fail before anything expensive: missing settings, unreadable or missing images."""
     dc = cfg.data
-    if dc.instance_root is None or dc.class_word is None:
-        raise ConfigError("training needs --data_root and --class_word (use '' for no class noun)")
+    if dc.instance_root is None:
+        raise ConfigError("training needs --data_root")
+    if dc.class_word is None and not dc.captions:
+        raise ConfigError("training needs --class_word (use '' for no class noun)")
     check_image_folder(dc.instance_root)
     if dc.class_root is not None and Path(dc.class_root).is_dir() and list_images(dc.class_root):
         check_image_folder(dc.class_root)

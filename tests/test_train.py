@@ -43,6 +43,7 @@ def test_prior_loss_is_instance_plus_lambda_prior_of_separate_computations(class
             ("t", torch.randint(0, 1000, (2,))),
             ("noise", torch.randn(2, 4, 4, 4)),
             ("eps", torch.randn(2, 4, 4, 4)),
+            ("prompt", torch.tensor([0, 1]) if k == "instance" else torch.tensor([2, 3])),
         )
     }
     cond = torch.randn(4, 77, 32)
@@ -51,7 +52,7 @@ def test_prior_loss_is_instance_plus_lambda_prior_of_separate_computations(class
         DreamBoothLoss(model),
         model,
         iter([batch]),
-        lambda b: cond,
+        lambda ids: cond[ids],
         scaler,
         cfg,
         CPU,

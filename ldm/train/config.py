@@ -31,6 +31,8 @@ class DataConfig:
     center_crop: bool = True
     flip_p: float = 0.5
     num_workers: int = 2
+    captions: bool = False  # each instance image's prompt from its .txt file (text-to-image)
+    caption_dropout: float = 0.0  # chance of training a prompt as "" (classifier-free guidance)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class SampleConfig:
     """Sample grids logged during training; prompts are templates with {token} and {class}."""
 
     every: int = 200  # 0 disables
+    at_start: bool = True  # also a grid of the starting weights (step 0), to compare with
     prompts: list[str] = field(
         default_factory=lambda: [
             "a photo of {token} {class}",
@@ -176,6 +179,7 @@ def validate(cfg: DictConfig) -> None:
         "train.ema.decay": 0.0 <= t.ema.decay <= 1.0,
         "train.prior_loss_weight": t.prior_loss_weight >= 0,
         "data.flip_p": 0.0 <= cfg.data.flip_p <= 1.0,
+        "data.caption_dropout": 0.0 <= cfg.data.caption_dropout < 1.0,
     }
     wrong = [name for name, ok in checks.items() if not ok]
     if wrong:

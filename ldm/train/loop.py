@@ -55,10 +55,11 @@ def micro_steps(ddp, model, batches, cond_of, scaler, cfg, env, kinds) -> tuple:
         batch = next(batches)
         z = latents_of(model, batch, kinds, env.device)
         t, noise = concat(batch, "t", kinds, env.device), concat(batch, "noise", kinds, env.device)
+        cond = cond_of(concat(batch, "prompt", kinds, env.device))
         last = micro == n - 1
         with ddp.no_sync() if env.is_distributed and not last else nullcontext():
             with autocast(env.device, tc.precision):
-                per_sample = ddp(z, cond_of(b), t, noise)
+                per_sample = ddp(z, cond, t, noise)
             instance = per_sample[:b].mean()
             prior = per_sample[b:].mean() if len(kinds) == 2 else torch.zeros_like(instance)
             loss = instance + tc.prior_loss_weight * prior
@@ -133,6 +134,8 @@ def train(
         session = setup(cfg, env, resume, unsafe_load, logger)
         state = session.state
         stop = StopSignal()
+        if tc.sample.every and tc.sample.at_start and state.step == 0 and env.is_main:
+            log_samples(cfg, run, session, logger)  # the "before" grid
         while state.step < tc.max_steps:
             logger.step(train_step(session, cfg, env))
             if state.nonfinite_run >= tc.max_nonfinite_steps:
@@ -173,7 +176,7 @@ def save_checkpoints(session: Session, cfg, run: RunDir, save: bool, best: bool)
 
 def periodic(cfg, env, run, session: Session, logger, stopping: bool) -> bool:
     """Logging, validation and sample grids at their intervals; True on a new best val/loss."""
-    tc, state, model, ema = cfg.train, session.state, session.model, session.ema
+    tc, state, model = cfg.train, session.state, session.model
     step = state.step
     final = step == tc.max_steps or stopping
     if step % tc.log_every == 0 or final:
@@ -187,15 +190,21 @@ def periodic(cfg, env, run, session: Session, logger, stopping: bool) -> bool:
         new_best = value < state.best_val
         state.best_val = min(value, state.best_val)
     if tc.sample.every and (step % tc.sample.every == 0 or final):
-        swap = ema is not None and tc.sample.use_ema
-        if swap:
-            ema.store(model.model.parameters())
-            ema.copy_to(model.model)
-        grid = sample_grid(
-            model, tc.sample, cfg.data.token, cfg.data.class_word, cfg.data.size, tc.precision
-        )
-        if swap:
-            ema.restore(model.model.parameters())
-        save_image(grid, run.images / f"step={step:06d}.png")
-        logger.image("samples", grid, step)
+        log_samples(cfg, run, session, logger)
     return new_best
+
+
+def log_samples(cfg, run: RunDir, session: Session, logger: RunLogger) -> None:
+    """The sample grid of the current weights (EMA's, if on) as images/step=NNNNNN.png."""
+    tc, model, ema, step = cfg.train, session.model, session.ema, session.state.step
+    swap = ema is not None and tc.sample.use_ema
+    if swap:
+        ema.store(model.model.parameters())
+        ema.copy_to(model.model)
+    grid = sample_grid(
+        model, tc.sample, cfg.data.token, cfg.data.class_word, cfg.data.size, tc.precision
+    )
+    if swap:
+        ema.restore(model.model.parameters())
+    save_image(grid, run.images / f"step={step:06d}.png")
+    logger.image("samples", grid, step)

@@ -98,27 +98,27 @@ def build_dataset(cfg) -> DreamBoothDataset:
         center_crop=dc.center_crop,
         flip_p=dc.flip_p,
         seed=cfg.train.seed,
+        captions=dc.captions,
     )
 
 
-def conditioning(model, dataset: DreamBoothDataset, kinds, cfg, device):
-    """A function of the per-kind batch size giving the conditioning of a micro-batch: cached
-    text embeddings when the text encoder is frozen and `cache_text` is on, token ids when it
-    trains (the loss module encodes them with gradients), else embeddings computed each step."""
-    prompts = {"instance": dataset.instance_prompt, "class": dataset.class_prompt}
-    tokens = {k: model.cond_stage_model.tokenize([prompts[k]]).to(device) for k in kinds}
+def conditioning(model, dataset: DreamBoothDataset, cfg, device):
+    """A function of prompt ids [N] (indices into `dataset.prompts`) giving their conditioning:
+    cached text embeddings when the text encoder is frozen and `cache_text` is on, token ids when
+    it trains (the loss module encodes them with gradients), else embeddings computed each step."""
+    tokens = model.cond_stage_model.tokenize(dataset.prompts).to(device)  # [P, 77]
     if text_encoder_trains(cfg.train.trainable):
-        return lambda b: torch.cat([tokens[k].expand(b, -1) for k in kinds])
+        return lambda ids: tokens[ids]
 
-    def encode(b: int) -> torch.Tensor:
+    def encode(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(device, cfg.train.precision):
-            ids = torch.cat([tokens[k].expand(b, -1) for k in kinds])
-            return model.get_learned_conditioning(ids).float()
+            return model.get_learned_conditioning(tokens[ids]).float()
 
     if not cfg.train.cache_text:
         return encode
-    cached = {k: v for k, v in zip(kinds, encode(1).split(1))}
-    return lambda b: torch.cat([cached[k].expand(b, -1, -1) for k in kinds])
+    everything = torch.arange(len(dataset.prompts), device=device)
+    table = torch.cat([encode(part) for part in everything.split(256)])  # [P, 77, D]
+    return lambda ids: table[ids]
 
 
 def prepare(cfg, env: DistEnv, model: nn.Module, resume: Resume | None, logger: RunLogger):
@@ -174,7 +174,9 @@ def _prefixed_state(model: nn.Module, module: nn.Module) -> dict:
 def make_loader(cfg, env, model, dataset, cache, start_step: int) -> DataLoader:
     tc = cfg.train
     latent_shape = model.latent_shape(cfg.data.size, cfg.data.size)
-    positions = PositionDataset(dataset, tc.seed, latent_shape, model.num_timesteps, cache)
+    positions = PositionDataset(
+        dataset, tc.seed, latent_shape, model.num_timesteps, cache, cfg.data.caption_dropout
+    )
     sampler = PositionSampler(
         env.rank, env.world_size, tc.batch_size, start=start_step * tc.accumulate_grad_batches
     )
@@ -213,7 +215,7 @@ class Session:
     scaler: torch.amp.GradScaler
     params: list[nn.Parameter]
     batches: object  # an endless iterator of micro-batches
-    cond_of: object  # per-kind batch size -> conditioning
+    cond_of: object  # prompt ids -> conditioning
     kinds: tuple[str, ...]
     ema: LitEma | None
     text_ema: LitEma | None
@@ -233,7 +235,7 @@ def setup(
     model = build_model(cfg, resume, unsafe_load)
     dataset, cache, groups, frozen_state = prepare(cfg, env, model, resume, logger)
     kinds = ("instance", "class") if dataset.with_prior else ("instance",)
-    cond_of = conditioning(model, dataset, kinds, cfg, env.device)
+    cond_of = conditioning(model, dataset, cfg, env.device)
     validation = None
     if tc.val_every and env.is_main:
         validation = Validation(model, dataset, tc.val_timesteps, tc.seed, env.device)
