@@ -6,6 +6,7 @@ import torch
 from torchvision.utils import make_grid
 
 from ldm.data.dreambooth import DreamBoothDataset, format_prompt
+from ldm.data.images import image_to_tensor, load_rgb, resize_crop
 from ldm.sample import generate, seeded_noise
 from ldm.util import autocast, keyed_seed
 
@@ -15,8 +16,12 @@ class Validation:
     `num_timesteps` evenly spaced timesteps with noise fixed by (seed, image, timestep)."""
 
     def __init__(self, model, dataset: DreamBoothDataset, num_timesteps: int, seed: int, device):
+        # Center crops whatever the training crop is: the validation set must not move.
         pixels = torch.stack(
-            [dataset.instance_pixels(i, flip=False) for i in range(len(dataset.instance_paths))]
+            [
+                image_to_tensor(resize_crop(load_rgb(p), dataset.size))
+                for p in dataset.instance_paths
+            ]
         )
         dtype = next(model.first_stage_model.parameters()).dtype
         with torch.no_grad():
