@@ -45,13 +45,15 @@ def one_line_error(capsys, argv: list[str]) -> str:
         ("prior.ddim_steps=2000", "prior.ddim_steps=2000"),
         ("data.size=72", "data.size=72: this model takes image sides that are multiples of 16"),
         ("data.instance_template='a photo of {class}'", "has no {token}"),
+        ("--token=", "data.token is empty"),
         ("model.base_learning_rate=1e-4", "train.lr (and train.scale_lr) does the job"),
         ("model.params.use_ema=false", "train.ema.enabled does the job"),
         ("model.params.cond_stage_config.params.freeze=true", "train.trainable does the job"),
     ],
 )
 def test_bad_values_and_ignored_keys_are_one_line_naming_the_key(capsys, override, needle):
-    assert needle in one_line_error(capsys, ["-b", str(DEMO), override])
+    extra = ["train.trainable=[token_embedding]"] if override.startswith("--token") else []
+    assert needle in one_line_error(capsys, ["-b", str(DEMO), override, *extra])
 
 
 def test_environment_faults_are_one_line(tmp_path, class_root, capsys, monkeypatch):

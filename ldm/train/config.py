@@ -177,6 +177,10 @@ def validate(cfg: DictConfig) -> None:
         values = ", ".join(f"{name}={OmegaConf.select(cfg, name)!r}" for name in wrong)
         raise ConfigError(f"config: invalid value {values}")
     check_model_section(cfg)
+    if "token_embedding" in t.trainable and not cfg.data.token.strip():
+        raise ConfigError(
+            "train.trainable=[token_embedding] trains the identifier: data.token is empty"
+        )
     if "{token}" not in cfg.data.instance_template:
         raise ConfigError(
             f"data.instance_template {cfg.data.instance_template!r} has no {{token}}: the "
