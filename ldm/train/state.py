@@ -61,8 +61,11 @@ class RunDir:
     def write_config(self, cfg: DictConfig) -> None:
         """The resolved config, once set-up has accepted it (a failed resume leaves none)."""
         stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
-        text = OmegaConf.to_yaml(cfg, resolve=True)
-        save_text(text, self.configs / f"{stamp}-project.yaml")
+        path, n = self.configs / f"{stamp}-project.yaml", 1
+        while path.exists():  # a resume in the same second keeps the run's first config
+            n += 1
+            path = self.configs / f"{stamp}-{n}-project.yaml"
+        save_text(OmegaConf.to_yaml(cfg, resolve=True), path)
 
     def remove_partial_files(self) -> list[str]:
         """Temporary checkpoint files a killed run left behind (each as big as a checkpoint)."""
