@@ -53,7 +53,7 @@ def base_checkpoint(path: Path, cfg) -> Path:
 def run(cfg, root: Path):
     """Train in-process on the CPU; returns (final state, run folder)."""
     folder = RunDir(root)
-    folder.create(cfg)
+    folder.create()
     return train(cfg, folder, CPU), folder
 
 

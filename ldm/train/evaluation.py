@@ -6,6 +6,7 @@ import torch
 from torchvision.utils import make_grid
 
 from ldm.data.dreambooth import DreamBoothDataset, format_prompt
+from ldm.data.images import image_to_tensor, load_rgb, resize_crop
 from ldm.sample import generate, seeded_noise
 from ldm.util import autocast, keyed_seed
 
@@ -20,7 +21,13 @@ class Validation:
     def __init__(self, model, dataset: DreamBoothDataset, num_timesteps: int, seed: int, device):
         count = len(dataset.instance_paths)
         images = torch.linspace(0, count - 1, min(count, self.MAX_IMAGES)).round().long().tolist()
-        pixels = torch.stack([dataset.instance_pixels(i, flip=False) for i in images])
+        # Center crops whatever the training crop is: the validation set must not move.
+        pixels = torch.stack(
+            [
+                image_to_tensor(resize_crop(load_rgb(dataset.instance_paths[i]), dataset.size))
+                for i in images
+            ]
+        )
         dtype = next(model.first_stage_model.parameters()).dtype
         with torch.no_grad():
             posterior = model.encode_first_stage(pixels.to(device=device, dtype=dtype))
