@@ -16,7 +16,7 @@ from ldm.train.optim import effective_lr
 from ldm.train.setup import Resume, restore, restore_rng, setup
 from ldm.train.state import rng_state
 
-from .train_helpers import CPU, DEMO, run, small_config, small_overrides
+from .train_helpers import CPU, TINY, run, small_config, small_overrides
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +53,17 @@ def one_line_error(capsys, argv: list[str]) -> str:
 )
 def test_bad_values_and_ignored_keys_are_one_line_naming_the_key(capsys, override, needle):
     extra = ["train.trainable=[token_embedding]"] if override.startswith("--token") else []
-    assert needle in one_line_error(capsys, ["-b", str(DEMO), override, *extra])
+    assert needle in one_line_error(capsys, ["-b", str(TINY), override, *extra])
 
 
 def test_environment_faults_are_one_line(tmp_path, class_root, capsys, monkeypatch):
     afile = tmp_path / "afile"
     afile.write_text("")
-    base = ["-b", str(DEMO), "-t", "-l", str(tmp_path / "logs")]
+    base = ["-b", str(TINY), "-t", "-l", str(tmp_path / "logs")]
     small = small_overrides(class_root)
     err = one_line_error(capsys, [*base, "--reg_data_root", str(afile), *small[:1]])
     assert "afile: not a folder" in err
-    err = one_line_error(capsys, ["-b", str(DEMO), "-t", "-l", str(afile / "logs"), *small])
+    err = one_line_error(capsys, ["-b", str(TINY), "-t", "-l", str(afile / "logs"), *small])
     assert "cannot create a run folder" in err
     vae_typo = "model.params.first_stage_config.params.ddconfig.num_res_block=2"
     err = one_line_error(capsys, [*base, *small, vae_typo])
@@ -95,7 +95,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_empty_class_word_and_token_flags_are_empty_strings(capsys):
-    assert main.main(["-b", str(DEMO), "--class_word", "", "--token", ""]) == 0
+    assert main.main(["-b", str(TINY), "--class_word", "", "--token", ""]) == 0
     out = capsys.readouterr().out
     assert "class_word: ''" in out and "token: ''" in out
 
@@ -106,7 +106,7 @@ def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch):
 
     monkeypatch.setattr(main, "train", bug)
     with pytest.raises(ValueError, match="an internal bug"):
-        main.main(["-b", str(DEMO), "-t", "-l", str(tmp_path)])
+        main.main(["-b", str(TINY), "-t", "-l", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []  # nor does it leave a run folder
 
 
@@ -124,7 +124,7 @@ def test_sigterm_during_class_image_sampling_exits_0_with_a_line(tmp_path, capsy
         main.main(
             [
                 "-b",
-                str(DEMO),
+                str(TINY),
                 "-t",
                 "-l",
                 str(tmp_path / "logs"),
@@ -149,7 +149,7 @@ def test_center_crop_off_trains_and_validates_on_center_crops(tmp_path, class_ro
 
 def test_resume_details_ema_trainable_lr_and_rng(tmp_path, class_root, capsys):
     assert main.main(
-        ["-b", str(DEMO), "-t", "-l", str(tmp_path),
+        ["-b", str(TINY), "-t", "-l", str(tmp_path),
          *small_overrides(class_root, "train.max_steps=1", "train.scale_lr=true")]
     ) == 0  # fmt: skip
     (folder,) = tmp_path.iterdir()

@@ -12,7 +12,7 @@ from ldm.train import state as run_state
 from ldm.train.evaluation import Validation
 from ldm.train.state import claim_run_dir
 
-from .train_helpers import DEMO, metrics, small_overrides
+from .train_helpers import TINY, metrics, small_overrides
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def only_run(logdir):
 
 def train_cli(logdir, class_root, *extra: str) -> int:
     return main.main(
-        ["-b", str(DEMO), "-t", "-l", str(logdir), *small_overrides(class_root, *extra)]
+        ["-b", str(TINY), "-t", "-l", str(logdir), *small_overrides(class_root, *extra)]
     )
 
 
@@ -68,7 +68,7 @@ def test_only_last_holds_optimizer_state_and_best_is_written_at_save_points(
     assert torch.equal(step4["state_dict"][key], last["state_dict"][key].half())
     assert not torch.equal(best["state_dict"][key], step4["state_dict"][key])
     assert (ckpts / "step=000004.ckpt").stat().st_size < 0.6 * (ckpts / "last.ckpt").stat().st_size
-    model = load_model_from_config(main.load_config([DEMO]), ckpts / "best.ckpt")  # txt2img's load
+    model = load_model_from_config(main.load_config([TINY]), ckpts / "best.ckpt")  # txt2img's load
     assert model.state_dict()[key].dtype == torch.float32
 
 

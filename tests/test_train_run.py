@@ -20,7 +20,7 @@ from ldm.train.prior import missing_indices, sample_class_images
 from ldm.train.state import run_dir_of
 
 from .conftest import ROOT, build_tiny, tiny_config
-from .train_helpers import DEMO, base_checkpoint, metrics, small_config, small_overrides, weights
+from .train_helpers import TINY, base_checkpoint, metrics, small_config, small_overrides, weights
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def only_run(logdir):
 
 def train_cli(logdir, class_root, *extra: str) -> int:
     return main.main(
-        ["-b", str(DEMO), "-t", "-l", str(logdir), *small_overrides(class_root, *extra)]
+        ["-b", str(TINY), "-t", "-l", str(logdir), *small_overrides(class_root, *extra)]
     )
 
 
@@ -74,7 +74,7 @@ def test_two_processes_of_batch_b_match_one_of_batch_2b(tmp_path, class_root):
     """SD v2 (penultimate-layer conditioning) with its text encoder trained, under DDP: what the
     conditioning never uses is frozen, so every trained parameter gets a gradient on each rank."""
     v2 = tmp_path / "v2.yaml"  # the demo's run settings on the tiny SD v2 model
-    settings = OmegaConf.load(DEMO)
+    settings = OmegaConf.load(TINY)
     settings.model = tiny_config("v2").model
     OmegaConf.save(settings, v2)
     # 64 channels: with 32, GroupNorm's groups are single channels and the biases before one
@@ -163,16 +163,16 @@ def same_pixels(path, png: bytes) -> bool:
 
 def test_config_errors_are_one_line(tmp_path, capsys):
     missing = tmp_path / "missing.yaml"
-    missing.write_text(DEMO.read_text().replace("scale_factor: 0.18215", "scale_factor: ???"))
+    missing.write_text(TINY.read_text().replace("scale_factor: 0.18215", "scale_factor: ???"))
     cases = [
-        (["-b", str(DEMO), "-t", "train.max_step=3"], "max_step"),
+        (["-b", str(TINY), "-t", "train.max_step=3"], "max_step"),
         (["-b", str(tmp_path / "nope.yaml"), "-t"], "nope.yaml: no such config file"),
-        (["-b", str(DEMO), "-t", "train.precision=fp8"], "train.precision"),
-        (["-b", str(DEMO), "-t", "train.trainable=[vae]"], "train.trainable"),
-        (["-b", str(DEMO), "-t", "--data_root", str(tmp_path)], f"{tmp_path}"),
-        (["-r", str(tmp_path / "run"), "-b", str(DEMO)], "key=value"),
+        (["-b", str(TINY), "-t", "train.precision=fp8"], "train.precision"),
+        (["-b", str(TINY), "-t", "train.trainable=[vae]"], "train.trainable"),
+        (["-b", str(TINY), "-t", "--data_root", str(tmp_path)], f"{tmp_path}"),
+        (["-r", str(tmp_path / "run"), "-b", str(TINY)], "key=value"),
         (["-t"], "pass a config with -b"),
-        (["-b", str(DEMO), "train.max_steps=0", "-t"], "train.max_steps"),  # an override after -b
+        (["-b", str(TINY), "train.max_steps=0", "-t"], "train.max_steps"),  # an override after -b
         (["-b", str(missing), "-t"], "no value for model.params.scale_factor"),
     ]
     for argv, needle in cases:
@@ -182,12 +182,12 @@ def test_config_errors_are_one_line(tmp_path, capsys):
 
 
 def test_flags_map_to_config_keys(capsys):
-    args = ["-b", str(DEMO), "--scale_lr", "--class_word", "cat", "--token", "zwx", "-s", "7"]
+    args = ["-b", str(TINY), "--scale_lr", "--class_word", "cat", "--token", "zwx", "-s", "7"]
     assert main.main([*args, "train.max_steps=9"]) == 0  # without -t: prints the resolved config
     out = capsys.readouterr().out
     for line in ("scale_lr: true", "class_word: cat", "token: zwx", "seed: 7", "max_steps: 9"):
         assert line in out
-    assert main.main(["-b", str(DEMO), "--scale_lr", "false"]) == 0
+    assert main.main(["-b", str(TINY), "--scale_lr", "false"]) == 0
     assert "scale_lr: false" in capsys.readouterr().out
 
 
