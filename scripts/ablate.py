@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # main.py and scripts/ sit at the repository root, beside (not inside) the installed ldm package.
 sys.path.insert(0, str(ROOT))
 
-from ldm.checkpoint import write_text_atomic  # noqa: E402
+from ldm.checkpoint import save_text  # noqa: E402
 from ldm.eval.report import json_safe, markdown_table, write_report  # noqa: E402
 from ldm.train.config import load_config  # noqa: E402
 from ldm.train.distributed import parse_gpus  # noqa: E402
@@ -105,7 +105,7 @@ def subject_config(out: Path, subject: TargetSubject) -> Path:
     text = OmegaConf.to_yaml(OmegaConf.create({"data": subject.data_config()}))
     # Written only when it changes: GPU workers read it while others may be starting.
     if not path.is_file() or path.read_text() != text:
-        write_text_atomic(path, text)
+        save_text(text, path)
     return path
 
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None, networks: Any = None, target: Target | N
     try:
         target = target or target_of(opt, eval_flags)
         jobs = plan(opt, target, overrides)
-        gpus = parse_gpus(opt.gpus)
+        gpus = parse_gpus(opt.gpus, opt.device)
         networks = load_networks(target, gpus, opt.device, networks)
     except (ValueError, OSError, RuntimeError) as e:
         return fail("ablate.py", e)

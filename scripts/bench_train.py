@@ -110,7 +110,7 @@ def measure(args, extra: list[str]) -> dict:
         shutil.copytree(PHOTOS, data / "class")
         (data / "class" / "04.jpg").unlink()
         cfg = load_config([args.base], [*overrides(args, data), *extra])
-        session = setup(cfg, env, None, False, RunLogger(None, 0, cfg.train.max_steps, cfg))
+        session = setup(cfg, env, None, False, RunLogger(None, 0, cfg.train.max_steps))
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for _ in range(args.warmup):
             train_step(session, cfg, env)

@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None, evaluator: Evaluator | None = None) -> i
     try:
         metrics, markdown = evaluate(target, opt, evaluator)
         record_in_run(target, opt, metrics)
-    except (ValueError, OSError, torch.OutOfMemoryError) as e:
+    except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
         return fail(e)
     print(markdown)
     print(f"\nwritten to {target.outdir}")

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None, networks: Any = None) -> int:
             raise ValueError(f"evaluation flags need --evaluate: {given}")
         target = target_of(opt, eval_flags) if opt.evaluate else None
         jobs = plan(opt, overrides, target)
-        gpus = parse_gpus(opt.gpus)
+        gpus = parse_gpus(opt.gpus, opt.device)
         if target is not None:
             networks = load_networks(target, gpus, opt.device, networks)
     except (ValueError, OSError, RuntimeError) as e:

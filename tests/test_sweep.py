@@ -18,7 +18,7 @@ from scripts import runner, sweep, targets
 
 from .conftest import ROOT
 from .test_eval_metrics import evaluator, tiny_clip_arch  # noqa: F401 (fixtures)
-from .train_helpers import DEMO, metrics, small_overrides
+from .train_helpers import TINY, metrics, small_overrides
 
 DOG_PHOTOS = ROOT / "data" / "demo" / "dog"
 
@@ -56,7 +56,7 @@ def test_grid_combinations_and_run_names():
 
 def sweep_argv(out: Path, class_root: Path, grid: list[str], *extra: str) -> list[str]:
     # The overrides follow -b, which swallows them: sweep.py hands them back as main.py does.
-    return ["-b", str(DEMO), *small_overrides(class_root), "--out", str(out), *extra,
+    return ["-b", str(TINY), *small_overrides(class_root), "--out", str(out), *extra,
             "--grid", *grid]  # fmt: skip
 
 
@@ -179,12 +179,12 @@ def test_jobs_survive_a_round_trip_through_json(tmp_path):
     """A GPU worker rebuilds its job, target included, from the JSON on its command line."""
     target = targets.DreamBenchTarget(("--n_samples", "2"), root=str(tmp_path), names=("dog",))
     (subject,) = target.subjects(tmp_path)
-    args = ([DEMO], ["train.max_steps=2"], tmp_path, target, subject, "cpu")
+    args = ([TINY], ["train.max_steps=2"], tmp_path, target, subject, "cpu")
     job = runner.make_job("a/b", [("k", 1)], *args)
     again = runner.job_from_json(runner.job_to_json(job))
     assert again == job and type(again.target) is targets.DreamBenchTarget
     assert job.max_steps == 2 and job.run_name == "a_b" and again.subject.class_word == "dog"
-    plain = runner.make_job("c", [], [DEMO], [], tmp_path)
+    plain = runner.make_job("c", [], [TINY], [], tmp_path)
     assert runner.job_from_json(runner.job_to_json(plain)) == plain
 
 

@@ -16,7 +16,7 @@ from ldm.train.trackers import read_summary
 from scripts import ablate, runner, targets
 
 from .conftest import ROOT
-from .train_helpers import DEMO, small_overrides
+from .train_helpers import TINY, small_overrides
 
 DOG_PHOTOS = ROOT / "data" / "demo" / "dog"
 
@@ -62,7 +62,7 @@ class CopiedPhotos(targets.Target):
 
 def test_a_target_of_another_kind_runs_through_the_ablation(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ablations"
-    argv = ["-b", str(DEMO), "--variants", "prior,no_prior", "--out", str(out), "--device", "cpu"]
+    argv = ["-b", str(TINY), "--variants", "prior,no_prior", "--out", str(out), "--device", "cpu"]
     overrides = small_overrides(tmp_path, "train.max_steps=1", "prior.num_class_images=1")
     argv += [o for o in overrides if not o.startswith("data.class_root=")]  # ablate sets it
     target = CopiedPhotos()
@@ -101,7 +101,7 @@ def test_a_target_of_another_kind_runs_through_the_ablation(tmp_path, capsys, mo
     # A GPU worker rebuilds the target from the job's JSON, by its kind.
     monkeypatch.setitem(targets.TARGETS, CopiedPhotos.kind, CopiedPhotos)
     (subject,) = target.subjects(out)
-    job = runner.make_job("rex/prior", [], [DEMO], [], out, target, subject)
+    job = runner.make_job("rex/prior", [], [TINY], [], out, target, subject)
     assert runner.job_from_json(runner.job_to_json(job)) == job
 
 

@@ -14,7 +14,7 @@ import main
 from ldm.train.trackers import read_summary, record_evaluation
 
 from .conftest import ROOT
-from .train_helpers import DEMO, hparams_record, metrics, small_overrides
+from .train_helpers import TINY, hparams_record, metrics, small_overrides
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def class_root(tmp_path_factory):
 
 def train_cli(logdir, class_root, *extra: str) -> int:
     return main.main(
-        ["-b", str(DEMO), "-t", "-l", str(logdir), *small_overrides(class_root, *extra)]
+        ["-b", str(TINY), "-t", "-l", str(logdir), *small_overrides(class_root, *extra)]
     )
 
 
@@ -165,14 +165,15 @@ def test_wandb_offline_run_and_resume(tmp_path, class_root, wandb_offline, monke
     history = wandb_history(records)
     scalars = tensorboard_scalars(run / "tensorboard")
     assert {tag for tag, _ in scalars} >= {"train/loss", "train/lr", "val/loss"}
-    assert sorted(history) == [1, 2]
+    assert sorted(history) == [0, 1, 2]  # 0: the grid of the starting weights (sample.at_start)
     for (tag, step), value in scalars.items():
         assert history[step].get(tag) == pytest.approx(value, rel=1e-6), (tag, step, history)
     assert [history[s]["train/loss"] for s in (1, 2)] == pytest.approx(
         [float(row["loss"]) for row in metrics(run)]
     )
-    assert history[2]["samples/_type"] == "image-file"
-    assert (first / "files" / history[2]["samples/path"]).is_file()
+    for step in (0, 2):
+        assert history[step]["samples/_type"] == "image-file"
+        assert (first / "files" / history[step]["samples/path"]).is_file()
 
     # An evaluation of last.ckpt (scripts/evaluate.py's path) joins the W&B run's summary.
     cfg = OmegaConf.load(next((run / "configs").glob("*-project.yaml")))

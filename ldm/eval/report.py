@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ldm.checkpoint import write_text_atomic
+from ldm.checkpoint import save_text
 
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 HEADERS = {
@@ -77,5 +77,5 @@ def from_json(metrics: Mapping[str, float | None]) -> dict[str, float]:
 def write_report(outdir: str | Path, report: Mapping, markdown: str, name: str = "report") -> None:
     """`name.json` and `name.md` in `outdir`, each written atomically."""
     outdir = Path(outdir)
-    write_text_atomic(outdir / f"{name}.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    write_text_atomic(outdir / f"{name}.md", markdown + "\n")
+    save_text(json.dumps(report, indent=2, allow_nan=False) + "\n", outdir / f"{name}.json")
+    save_text(markdown + "\n", outdir / f"{name}.md")

@@ -5,6 +5,7 @@ that does nothing."""
 
 import csv
 import math
+import os
 import resource
 import sys
 import time
@@ -43,7 +44,10 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 class RunLogger:
-    def __init__(self, root: Path | None, start_step: int, max_steps: int, cfg: DictConfig):
+    def __init__(
+        self, root: Path | None, start_step: int, max_steps: int, cfg: DictConfig | None = None
+    ):
+        """`cfg` (the run's config, for its trackers) is needed with a `root` only."""
         self.enabled = root is not None
         self.pending: list[dict[str, torch.Tensor | float]] = []
         self.last_time, self.last_step = time.perf_counter(), start_step
@@ -59,6 +63,8 @@ class RunLogger:
         best = previous.get("val/best_loss")
         self.best_val = math.inf if best is None else best
         new_file = not (root / "metrics.csv").exists()
+        if not new_file:
+            _truncate_csv(root / "metrics.csv", start_step)
         self.csv_file = open(root / "metrics.csv", "a", newline="")
         self.csv = csv.writer(self.csv_file)
         if new_file:
@@ -128,6 +134,18 @@ class RunLogger:
             for tracker in self.trackers:
                 tracker.close()
             self.csv_file.close()
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop the rows after `step`: a run resumed from an older checkpoint logs them again."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
+    if len(kept) < len(rows):
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, path)
 
 
 def _to_host(pending: list[dict]) -> list[dict]:

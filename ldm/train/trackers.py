@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import write_text_atomic
+from ldm.checkpoint import save_text
 from ldm.train.config import ConfigError, config_leaves
 
 SUMMARY = "summary.json"
@@ -62,7 +62,7 @@ def update_summary(
     old = {k: v for k, v in read_summary(root).items() if drop is None or not k.startswith(drop)}
     new = {k: v if v is None or math.isfinite(v) else None for k, v in metrics.items()}
     summary = {**old, **new}
-    write_text_atomic(Path(root) / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    save_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", Path(root) / SUMMARY)
     numbers = {k: v for k, v in summary.items() if v is not None}
     for tracker in trackers:
         tracker.summary(numbers, numbers.get("step", 0) >= max_steps)
@@ -233,7 +233,7 @@ class WandbTracker:
             config=OmegaConf.to_container(cfg, resolve=True),
         )
         if run_id is None:
-            write_text_atomic(id_file, self.run.id + "\n")
+            save_text(self.run.id + "\n", id_file)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         self.run.log(dict(values), step=step)
