@@ -231,11 +231,12 @@ def load_model(
     use_ema: bool = False,
     unsafe_load: bool = False,
 ) -> tuple[nn.Module, Mapping, dict]:
-    """Build a model from its config and load `ckpt` into it (strict; EMA weights if `use_ema`).
-    Returns the model, the checkpoint's lazy state dict and the file's other entries."""
+    """Build a model from its config and load `ckpt` into it (strict; EMA weights if `use_ema`;
+    `unsafe_load` allows arbitrary unpickling and any config target). Returns the model, the
+    checkpoint's lazy state dict and the file's other entries."""
     source, extras = read_checkpoint(ckpt, unsafe_load=unsafe_load)
     with empty_parameters():
-        model = instantiate_from_config(model_config)
+        model = instantiate_from_config(model_config, unsafe=unsafe_load)
     load_state_into(model, source, use_ema=use_ema, path=ckpt)
     return model, source, extras
 

@@ -1,12 +1,67 @@
-"""Config-driven construction (CompVis's instantiate_from_config) and small helpers."""
+"""Config-driven construction (CompVis's instantiate_from_config) and small helpers.
 
+A config is data, even when it names classes: it may come with a checkpoint or a .safetensors file
+from someone else, and `instantiate_from_config` imports and calls whatever `target` names. So
+only this package's model classes (`ldm.*` nn.Module subclasses) and the few torch modules Stable
+Diffusion configs use are built, unless the caller allows any target (`--unsafe_load`).
+"""
+
+import contextvars
 import hashlib
 import importlib
 import inspect
+import re
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line."""
+
+
+# Torch classes that CompVis and Stability configs name (the VAE's unused `lossconfig`).
+TORCH_TARGETS = frozenset({"torch.nn.Identity"})
+_PACKAGE_TARGET = re.compile(r"ldm(\.[A-Za-z_][A-Za-z0-9_]*)+")
+# Set while an `unsafe` instantiate_from_config runs, so the nested configs it builds (UNet, VAE,
+# text encoder inside LatentDiffusion) get the same permission.
+_ANY_TARGET = contextvars.ContextVar("any_config_target", default=False)
+
+
+def _refuse(target: object, why: str) -> ConfigError:
+    return ConfigError(
+        f"config target {target!r} {why}: a config builds only this package's model classes "
+        f"(ldm.*) and {', '.join(sorted(TORCH_TARGETS))}; pass --unsafe_load only if you "
+        "trust the config to run code"
+    )
+
+
+def check_target(target: object, unsafe: bool = False) -> None:
+    """Refuse, by name alone (nothing is imported), a target outside `ldm.*` and TORCH_TARGETS."""
+    if unsafe or _ANY_TARGET.get():
+        return
+    if not isinstance(target, str) or not (
+        target in TORCH_TARGETS or _PACKAGE_TARGET.fullmatch(target)
+    ):
+        raise _refuse(target, "is not allowed")
+
+
+def check_targets(config: object, unsafe: bool = False) -> None:
+    """`check_target` for every `target` in a config tree: a config from a file is refused
+    before anything is built (or, by export, passed on)."""
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_container(config, resolve=False)
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            if "target" in node:
+                check_target(node["target"], unsafe)
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def get_obj_from_str(string: str):
@@ -15,20 +70,43 @@ def get_obj_from_str(string: str):
     try:
         return getattr(importlib.import_module(module, package=None), cls)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"config target {string!r} cannot be imported: {e}") from None
+        raise ConfigError(f"config target {string!r} cannot be imported: {e}") from None
 
 
-def instantiate_from_config(config: Mapping):
-    """Build `target(**params)` from a {"target": ..., "params": {...}} mapping."""
+def _target_class(string: object):
+    check_target(string)
+    target = get_obj_from_str(string)
+    if _ANY_TARGET.get() or string in TORCH_TARGETS:
+        return target
+    # An `ldm.*` name may still reach something imported into a module (`ldm.util.importlib`).
+    if not (
+        inspect.isclass(target)
+        and issubclass(target, nn.Module)
+        and target.__module__.startswith("ldm.")
+    ):
+        raise _refuse(string, "is not a model class of this package")
+    return target
+
+
+def instantiate_from_config(config: Mapping, unsafe: bool = False):
+    """Build `target(**params)` from a {"target": ..., "params": {...}} mapping. Only this
+    package's model classes and TORCH_TARGETS, here and in the configs the object builds,
+    unless `unsafe` (ConfigError naming the target otherwise)."""
     if "target" not in config:
-        raise KeyError(f"expected key 'target' to instantiate, got keys {list(config)}")
-    target = get_obj_from_str(config["target"])
-    params = config.get("params", {}) or {}
-    try:  # check the arguments first, so a config typo is not mistaken for a bug inside
-        inspect.signature(target).bind(**params)
-    except TypeError as e:
-        raise ValueError(f"config for {config['target']}: {e}") from None
-    return target(**params)
+        raise ConfigError(f"expected key 'target' to instantiate, got keys {list(config)}")
+    token = _ANY_TARGET.set(True) if unsafe else None
+    try:
+        check_targets(config)  # every target, nested ones too, before anything is built
+        target = _target_class(config["target"])
+        params = config.get("params", {}) or {}
+        try:  # check the arguments first, so a config typo is not mistaken for a bug inside
+            inspect.signature(target).bind(**params)
+        except TypeError as e:
+            raise ConfigError(f"config for {config['target']}: {e}") from None
+        return target(**params)
+    finally:
+        if token is not None:
+            _ANY_TARGET.reset(token)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

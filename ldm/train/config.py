@@ -12,11 +12,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.config_files import read_config_file
+from ldm.util import ConfigError
+
 TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one line."""
 
 
 @dataclass
@@ -125,13 +124,7 @@ def load_config(
     """Merge the schema defaults, the YAML files in order, flag values (dotted keys), then the
     `key.path=value` overrides; validate and return the resolved config."""
     configs = [OmegaConf.structured(RunSchema)]
-    for base in bases:
-        if not Path(base).is_file():
-            raise ConfigError(f"{base}: no such config file")
-        try:
-            configs.append(OmegaConf.load(base))
-        except (OmegaConfBaseException, ValueError) as e:
-            raise ConfigError(f"{base}: {_one_line(e)}") from None
+    configs += [read_config_file(base) for base in bases]  # bounded, no interpolations
     return merge_overrides(configs, overrides, flags)
 
 

@@ -75,13 +75,13 @@ def build_model(cfg, resume: Resume | None, unsafe_load: bool) -> nn.Module:
     neither, as in the demo) a seeded random initialisation, the same on every rank."""
     if resume is not None:
         with empty_parameters():
-            model = instantiate_from_config(cfg.model)
+            model = instantiate_from_config(cfg.model, unsafe=unsafe_load)
         load_state_into(model, resume.source, path=resume.path)
         return model
     tc = cfg.train
     if tc.actual_resume is None:
         torch.manual_seed(tc.seed)
-        return instantiate_from_config(cfg.model)
+        return instantiate_from_config(cfg.model, unsafe=unsafe_load)
     return load_model(cfg.model, tc.actual_resume, tc.use_ema_weights, unsafe_load)[0]
 
 

@@ -1,0 +1,169 @@
+"""Files from other people are data: hostile checkpoints, configs, photos and run folders, each
+built here, never run code, never write outside the folders the user named, and never take
+memory out of proportion to their size. Each is refused with one line naming what is wrong."""
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+import main
+from ldm.checkpoint import save_checkpoint, save_safetensors
+from ldm.config_files import MAX_CONFIG_NODES, config_from_data, read_config_file
+from ldm.util import ConfigError, instantiate_from_config
+from scripts import evaluate
+
+from .conftest import build_tiny, load_script, tiny_config
+from .train_helpers import small_config
+
+export = load_script("export")
+txt2img = load_script("stable_txt2img")
+DOG_PHOTOS = Path(__file__).resolve().parents[1] / "data" / "demo" / "dog"
+
+
+def one_line_error(capsys) -> str:
+    """stderr's one line (torch's own glog-style warnings from lazy imports aside)."""
+    lines = [x for x in capsys.readouterr().err.splitlines() if not re.match(r"[WI]\d{4} ", x)]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def files_under(folder) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- 1 and 9: configs from files -------------------------------------------------------------
+
+
+def command(marker) -> dict:
+    """A config node that, if built, runs a shell command creating `marker`."""
+    return {"target": "os.system", "params": {"command": f"touch {marker}"}}
+
+
+def training_checkpoint(run, config: dict) -> Path:
+    """A run folder whose last.ckpt loads with weights_only=True and carries `config`."""
+    path = run / "checkpoints" / "last.ckpt"
+    save_checkpoint({"state_dict": {}, "config": config, "optimizer": {}}, path)
+    return path
+
+
+def test_a_checkpoint_config_never_runs_its_target(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    config = OmegaConf.to_container(small_config(tmp_path / "class"))
+    config["model"] = command(marker)
+    run = tmp_path / "run"
+    training_checkpoint(run, config)
+    before = files_under(tmp_path)
+    assert main.main(["-r", str(run), "-t", "--device", "cpu"]) == 1
+    assert "config target 'os.system' is not allowed" in one_line_error(capsys)
+    assert not marker.exists() and files_under(tmp_path) == before
+
+
+def test_a_nested_target_in_a_config_file_is_refused_everywhere(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    cfg = tiny_config("v1")
+    cfg.model.params.cond_stage_config = command(marker)
+    hostile = tmp_path / "hostile.yaml"
+    hostile.write_text(OmegaConf.to_yaml(cfg))
+    ckpt = tmp_path / "tiny.ckpt"
+    save_checkpoint({"state_dict": build_tiny("v1").state_dict()}, ckpt)
+
+    argv = ["--ckpt", str(ckpt), "--config", str(hostile), "--outdir", str(tmp_path / "out")]
+    assert txt2img.main([*argv, "--H", "32", "--W", "32", "--device", "cpu"]) == 1
+    assert "'os.system' is not allowed" in one_line_error(capsys)
+    assert main.main(["-b", str(hostile), "-t", "-l", str(tmp_path / "logs")]) == 1
+    assert "'os.system' is not allowed" in one_line_error(capsys)
+    assert not marker.exists() and not (tmp_path / "logs").exists()
+
+
+def test_safetensors_metadata_config_never_runs_its_target(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    model = tmp_path / "model.safetensors"
+    config = {"model": command(marker), "data": {"token": "sks"}}
+    save_safetensors({"x": torch.zeros(1)}, model, {"config": yaml.safe_dump(config)})
+    argv = ["--ckpt", str(model), "--real_dir", str(DOG_PHOTOS), "--class_word", "dog"]
+    argv += ["--outdir", str(tmp_path / "eval"), "--device", "cpu", "--num_prompts", "1"]
+    assert evaluate.main(argv, evaluator=object()) == 1  # fails before any metric is taken
+    assert "config target 'os.system' is not allowed" in one_line_error(capsys)
+    assert not marker.exists()
+
+
+def test_export_does_not_pass_on_a_hostile_config_unless_trusted(tmp_path, capsys):
+    ckpt = training_checkpoint(tmp_path / "run", {"model": command(tmp_path / "ran")})
+    out = tmp_path / "out.safetensors"
+    assert export.main(["--ckpt", str(ckpt), "--out", str(out)]) == 1
+    assert "'os.system' is not allowed" in one_line_error(capsys) and not out.exists()
+    assert export.main(["--ckpt", str(ckpt), "--out", str(out), "--unsafe_load"]) == 0
+    assert not (tmp_path / "ran").exists()  # exporting copies the config; it builds nothing
+
+
+def test_only_package_model_classes_unless_unsafe():
+    for target in ("torch.nn.Linear", "ldm.util.importlib", "ldm.checkpoint.save_file"):
+        with pytest.raises(ConfigError, match=f"config target '{target}'"):
+            instantiate_from_config({"target": target, "params": {}})
+    linear = {"target": "torch.nn.Linear", "params": {"in_features": 2, "out_features": 3}}
+    assert instantiate_from_config(linear, unsafe=True).weight.shape == (3, 2)
+    # The permission reaches the configs a model builds inside itself.
+    cfg = tiny_config("v1")
+    cfg.model.params.first_stage_config.params.lossconfig = linear
+    instantiate_from_config(cfg.model, unsafe=True)
+    with pytest.raises(ConfigError, match="torch.nn.Linear"):
+        instantiate_from_config(cfg.model)
+
+
+def aliased_yaml(levels: int = 12, width: int = 8) -> str:
+    """A few hundred bytes of YAML that expand to width**levels nodes."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\nmodel: {}\n"
+
+
+def shared_lists(levels: int = 40) -> dict:
+    """A config whose lists are shared references: tiny as a pickle, 2**levels nodes as a tree."""
+    node = ["x"]
+    for _ in range(levels):
+        node = [node, node]
+    return {"model": {"params": {"bomb": node}}}
+
+
+def test_config_bombs_are_refused_at_once(tmp_path, capsys):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(aliased_yaml())
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"bomb.yaml: more than {MAX_CONFIG_NODES} config"):
+        read_config_file(path)
+    assert main.main(["-b", str(path)]) == 1
+    assert "more than" in one_line_error(capsys)
+
+    run = tmp_path / "run"
+    training_checkpoint(run, shared_lists())
+    assert (run / "checkpoints" / "last.ckpt").stat().st_size < 10_000
+    assert main.main(["-r", str(run), "-t"]) == 1
+    assert f"last.ckpt: config: more than {MAX_CONFIG_NODES}" in one_line_error(capsys)
+    assert time.perf_counter() - start < 10  # unbounded, each takes hours
+    # A few aliases are fine: only the expanded size counts.
+    small = "base: &b {lr: 1.0e-4}\nmodel: {params: *b}\n"
+    assert config_from_data(small, "small").model.params.lr == 1.0e-4
+
+
+def test_interpolations_from_files_are_never_resolved(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DB_SECRET", "hunter2")
+    config = OmegaConf.to_container(small_config(tmp_path / "class"))
+    config["data"]["token"] = "${oc.env:DB_SECRET}"
+    ckpt = training_checkpoint(tmp_path / "run", config)
+    out = tmp_path / "out.safetensors"
+    assert export.main(["--ckpt", str(ckpt), "--out", str(out), "--unsafe_load"]) == 1
+    assert "data.token holds an interpolation" in one_line_error(capsys)
+    assert main.main(["-r", str(tmp_path / "run")]) == 1  # printing the config would resolve it
+    assert "hunter2" not in one_line_error(capsys)
+    model = tmp_path / "model.safetensors"
+    save_safetensors({"x": torch.zeros(1)}, model, {"config": yaml.safe_dump(config)})
+    argv = ["--ckpt", str(model), "--real_dir", str(DOG_PHOTOS), "--class_word", "dog"]
+    assert evaluate.main([*argv, "--outdir", str(tmp_path / "eval")], evaluator=object()) == 1
+    assert "config: data.token holds an interpolation" in one_line_error(capsys)
+    assert not any(b"hunter2" in data for data in files_under(tmp_path).values())
