@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import load_model_from_config, read_checkpoint
 from ldm.config_files import config_from_data, read_config_file
-from ldm.data.images import load_rgb
+from ldm.data.images import ImageFiles, check_image_folder
 from ldm.eval.clip import DEFAULT_ARCH
 from ldm.eval.dreambench import (
     Subject,
@@ -282,7 +282,9 @@ def evaluate(target: Target, opt: argparse.Namespace, evaluator: Evaluator) -> t
     """Generate what is missing, measure, and write report.json and report.md."""
     settings = sampling_settings(opt, target)
     subject_specs, class_specs = plan(target, opt)
-    real = [load_rgb(p) for p in target.subject.real_images()]
+    # Decoded a batch at a time when measured (never all at full size at once); each is read
+    # once now, so a bad photo fails before the generation.
+    real = ImageFiles(check_image_folder(target.subject.real_dir))
     generate_missing(target, opt, settings, subject_specs + class_specs)
     metrics = evaluator.evaluate_subject(
         load_generated(target.outdir, subject_specs),

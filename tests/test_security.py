@@ -3,22 +3,31 @@ built here, never run code, never write outside the folders the user named, and 
 memory out of proportion to their size. Each is refused with one line naming what is wrong."""
 
 import re
+import struct
 import time
+import tracemalloc
+import weakref
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+from PIL import EpsImagePlugin, Image, ImageFile
 
+import ldm.data.images
 import main
 from ldm.checkpoint import save_checkpoint, save_safetensors
 from ldm.config_files import MAX_CONFIG_NODES, config_from_data, read_config_file
+from ldm.data.images import MAX_IMAGE_PIXELS, DataError, ImageFiles, load_rgb
+from ldm.eval.metrics import embed_images
 from ldm.util import ConfigError, instantiate_from_config
 from scripts import evaluate
 
 from .conftest import build_tiny, load_script, tiny_config
-from .train_helpers import small_config
+from .train_helpers import DEMO, small_config
 
 export = load_script("export")
 txt2img = load_script("stable_txt2img")
@@ -167,3 +176,105 @@ def test_interpolations_from_files_are_never_resolved(tmp_path, monkeypatch, cap
     assert evaluate.main([*argv, "--outdir", str(tmp_path / "eval")], evaluator=object()) == 1
     assert "config: data.token holds an interpolation" in one_line_error(capsys)
     assert not any(b"hunter2" in data for data in files_under(tmp_path).values())
+
+
+# --- 2 and 8: photos -------------------------------------------------------------------------
+
+
+def test_photos_are_decoded_only_in_the_accepted_formats(tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "ran"
+
+    def ghostscript(*args, **kwargs):  # stands for the real one, which runs `gs` on the file
+        marker.touch()
+        raise OSError("Ghostscript ran")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    eps = "%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n"
+    (photos / "00.jpg").write_text(eps)
+    with pytest.raises(DataError, match="00.jpg: not a JPEG, PNG, WEBP, BMP, TIFF image"):
+        load_rgb(photos / "00.jpg")
+    argv = ["-b", str(DEMO), "-t", "--data_root", str(photos), "--class_word", "dog"]
+    assert main.main([*argv, "-l", str(tmp_path / "logs")]) == 1
+    assert "00.jpg: not a JPEG" in one_line_error(capsys)
+    assert not marker.exists() and not (tmp_path / "logs").exists()
+
+
+def zeros_png(path: Path, size: int, bit_depth: int, color_type: int, channels: int) -> Path:
+    """A PNG of size x size black pixels that is a few hundred KB on disk: the zlib stream of
+    zeros is one full-flushed block of rows, repeated (a flush resets the compressor)."""
+    row = 1 + size * channels * bit_depth // 8  # a filter byte, then the pixels
+    rows = next(r for r in range(100, 0, -1) if size % r == 0)
+    c = zlib.compressobj(9)
+    block = c.compress(bytes(row * rows)) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(bytes(row * rows)) + c.flush(zlib.Z_FULL_FLUSH)
+    adler = (row * size % 65521) << 16 | 1  # adler32 of that many zeros
+    idat = block + again[2:] * (size // rows - 1) + b"\x03\x00" + struct.pack(">I", adler)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", size, size, bit_depth, color_type, 0, 0, 0)
+    signature = b"\x89PNG\r\n\x1a\n"
+    path.write_bytes(
+        signature + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "bit_depth", "color_type", "channels", "reason"),
+    [
+        ("grey16.png", 9500, 16, 0, 1, "decompression bomb"),  # 90 Mpx, over Pillow's warning
+        ("rgba.png", 13370, 8, 6, 4, "decompression bomb"),  # 179 Mpx, under Pillow's error
+        ("rgb.png", 8200, 8, 2, 3, "megapixels"),  # 67 Mpx, under Pillow's warning
+    ],
+)
+def test_image_bombs_are_refused_before_decoding(
+    tmp_path, monkeypatch, name, size, bit_depth, color_type, channels, reason
+):
+    path = zeros_png(tmp_path / name, size, bit_depth, color_type, channels)
+    assert path.stat().st_size < 1_000_000 and size * size > MAX_IMAGE_PIXELS
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image))
+    with pytest.raises(DataError, match=f"{name}: .*{reason}") as info:
+        load_rgb(path)
+    assert "\n" not in str(info.value) and not decoded
+
+
+def test_16_bit_pixels_convert_in_integers(tmp_path):
+    every_value = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(every_value).save(tmp_path / "all.png")
+    grey = np.asarray(load_rgb(tmp_path / "all.png"))[..., 0]
+    assert np.array_equal(grey, np.rint(every_value / 257).astype(np.uint8))
+    big = np.random.default_rng(0).integers(0, 65536, (2000, 2000), dtype=np.uint16)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    tracemalloc.start()
+    try:
+        load_rgb(tmp_path / "big.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * big.size  # a float64 copy alone is 8 bytes a pixel, with its temporaries 24
+
+
+def test_photos_for_evaluation_are_decoded_a_batch_at_a_time(monkeypatch):
+    alive, most = [0], []
+
+    def load(path):
+        image = load_rgb(path)
+        alive[0] += 1
+        weakref.finalize(image, lambda: alive.__setitem__(0, alive[0] - 1))
+        return image
+
+    def transform(image):
+        most.append(alive[0])
+        return torch.zeros(3)
+
+    monkeypatch.setattr(ldm.data.images, "load_rgb", load)
+    photos = ImageFiles(sorted(DOG_PHOTOS.glob("*.jpg")) * 2)
+    out = embed_images(torch.nn.Linear(3, 2), photos, transform, batch_size=3)
+    assert out.shape == (10, 2) and max(most) <= 3  # a list of decoded photos would hold 10
