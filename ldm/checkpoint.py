@@ -275,6 +275,11 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
     _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
+def save_text(text: str, path: str | os.PathLike) -> None:
+    """A text file, written atomically (a link planted at `path` is replaced, not followed)."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
 ) -> None:

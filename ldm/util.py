@@ -10,12 +10,18 @@ import contextvars
 import hashlib
 import importlib
 import inspect
+import os
 import re
+import stat
 from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
 
 import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
+
+from ldm.data.images import DataError
 
 
 class ConfigError(ValueError):
@@ -147,3 +153,20 @@ def keyed_seed(*parts) -> int:
     """A 63-bit seed from any tuple of ints and strings, stable across runs and machines."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def open_append(path: str | os.PathLike, newline: str | None = None) -> IO[str]:
+    """Open a log file (metrics.csv, index.jsonl) to append text. Never through a symbolic link
+    or into anything but a regular file: a run folder may be shared, and a link planted in place
+    of the log would send the appends elsewhere. DataError (one line naming the file) if so."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK  # a FIFO must not block
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if Path(path).is_symlink():
+            raise DataError(path, "is a symbolic link; refusing to write through it") from None
+        raise DataError(path, f"cannot be opened for appending ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DataError(path, "is not a regular file; refusing to append to it")
+    return os.fdopen(fd, "a", newline=newline)

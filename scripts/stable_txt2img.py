@@ -21,7 +21,7 @@ from tqdm import tqdm, trange
 
 from ldm.checkpoint import load_model_from_config
 from ldm.config_files import read_config_file
-from ldm.sample import generate, prepare_for_sampling, seeded_noise, to_pil
+from ldm.sample import generate, prepare_for_sampling, save_png, seeded_noise, to_pil
 from ldm.util import default_precision
 
 # The DDIM step noise (eta > 0) gets its own seed stream, apart from the start codes' seed + k.
@@ -171,7 +171,7 @@ def sample_all(
             ).cpu()
             if not opt.skip_save:
                 for image in to_pil(images):
-                    image.save(sample_dir / f"{count:05}.png")
+                    save_png(image, sample_dir / f"{count:05}.png")
                     count += 1
             if not opt.skip_grid:
                 all_images.append(images)
@@ -183,7 +183,7 @@ def save_grid(all_images: list[torch.Tensor], opt: argparse.Namespace) -> None:
     outdir = Path(opt.outdir)
     number = next_index(outdir, r"grid-(\d+)\.png")
     grid = make_grid(torch.cat(all_images), nrow=opt.n_rows)  # nrow: images per row
-    to_pil(grid[None])[0].save(outdir / f"grid-{number:04}.png")
+    save_png(to_pil(grid[None])[0], outdir / f"grid-{number:04}.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 built here, never run code, never write outside the folders the user named, and never take
 memory out of proportion to their size. Each is refused with one line naming what is wrong."""
 
+import os
 import re
 import struct
 import time
@@ -22,14 +23,19 @@ import main
 from ldm.checkpoint import save_checkpoint, save_safetensors
 from ldm.config_files import MAX_CONFIG_NODES, config_from_data, read_config_file
 from ldm.data.images import MAX_IMAGE_PIXELS, DataError, ImageFiles, load_rgb
+from ldm.eval.generate import SamplingSettings, generate_images, plan_images
 from ldm.eval.metrics import embed_images
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.eval.report import write_report
+from ldm.sample import save_png
+from ldm.train.logger import RunLogger
+from ldm.util import ConfigError, instantiate_from_config, open_append
 from scripts import evaluate
 
-from .conftest import build_tiny, load_script, tiny_config
+from .conftest import CONFIGS, build_tiny, load_script, tiny_config
 from .train_helpers import DEMO, small_config
 
 export = load_script("export")
+sample_prior = load_script("sample_prior")
 txt2img = load_script("stable_txt2img")
 DOG_PHOTOS = Path(__file__).resolve().parents[1] / "data" / "demo" / "dog"
 
@@ -278,3 +284,65 @@ def test_photos_for_evaluation_are_decoded_a_batch_at_a_time(monkeypatch):
     photos = ImageFiles(sorted(DOG_PHOTOS.glob("*.jpg")) * 2)
     out = embed_images(torch.nn.Linear(3, 2), photos, transform, batch_size=3)
     assert out.shape == (10, 2) and max(most) <= 3  # a list of decoded photos would hold 10
+
+
+# --- 3, 4 and 5: writes stay inside the folders the user named -------------------------------
+
+
+def planted_link(path: Path, victim: Path) -> Path:
+    """A symbolic link at `path` to `victim`, a file someone wants kept as it is."""
+    victim.write_text("precious")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(victim)
+    return victim
+
+
+def test_class_images_never_write_through_planted_links(tmp_path):
+    folder = tmp_path / "class"
+    victims = [
+        planted_link(folder / ".prior_00000.png.tmp", tmp_path / "a"),  # the old temporary name
+        planted_link(folder / "prior_00001.png", tmp_path / "b"),  # dangling would count as free
+    ]
+    (tmp_path / "b").unlink()
+    ckpt = tmp_path / "base.ckpt"
+    save_checkpoint({"state_dict": build_tiny("v1").state_dict()}, ckpt)
+    argv = ["--config", str(CONFIGS / "stable-diffusion" / "v1-tiny.yaml"), "--ckpt", str(ckpt)]
+    argv += ["--class_word", "dog", "--outdir", str(folder), "--num", "2", "--steps", "2"]
+    assert sample_prior.main([*argv, "--size", "32", "--device", "cpu"]) == 0
+    assert victims[0].read_text() == "precious" and not victims[1].exists()
+    for name in ("prior_00000.png", "prior_00001.png"):
+        assert not (folder / name).is_symlink() and load_rgb(folder / name).size == (32, 32)
+    save_png(Image.new("RGB", (4, 4)), folder / "prior_00000.png")  # again, over a real file
+    assert victims[0].read_text() == "precious"
+
+
+def test_resume_takes_only_a_checkpoint_inside_a_run(tmp_path, capsys):
+    home = tmp_path / "home"
+    config = OmegaConf.to_container(small_config(tmp_path / "class"))
+    friend = home / "Downloads" / "friend.ckpt"
+    save_checkpoint({"state_dict": {}, "config": config, "optimizer": {}}, friend)
+    (home / "checkpoints").mkdir()
+    (home / "checkpoints" / "step=000001.ckpt").write_text("someone's file")
+    before = files_under(home), sorted(home.rglob("*"))
+    assert main.main(["-r", str(friend), "-t", "--device", "cpu"]) == 1
+    assert "friend.ckpt: not in a run folder's checkpoints/" in one_line_error(capsys)
+    assert (files_under(home), sorted(home.rglob("*"))) == before
+
+
+def test_logs_and_reports_never_write_through_planted_links(tmp_path, tiny_v1):
+    run = tmp_path / "run"
+    victim = planted_link(run / "metrics.csv", tmp_path / "metrics")
+    with pytest.raises(DataError, match="metrics.csv: is a symbolic link"):
+        RunLogger(run, start_step=0, max_steps=1)
+    out = run / "eval"
+    victim_index = planted_link(out / "index.jsonl", tmp_path / "index")
+    specs = plan_images("subject", ["a dog"], 1, seed=0)
+    with pytest.raises(DataError, match="index.jsonl: is a symbolic link"):
+        generate_images(tiny_v1, out, specs, SamplingSettings(height=32, width=32), progress=False)
+    reports = [planted_link(out / f"report.{x}", tmp_path / f"report{x}") for x in ("json", "md")]
+    write_report(out, {"metrics": {}}, "# report")
+    assert (out / "report.md").read_text() == "# report\n" and not (out / "report.md").is_symlink()
+    assert all(v.read_text() == "precious" for v in [victim, victim_index, *reports])
+    os.mkfifo(run / "fifo.csv")  # opening it to write would wait for a reader forever
+    with pytest.raises(DataError, match="fifo.csv: cannot be opened"):
+        open_append(run / "fifo.csv")

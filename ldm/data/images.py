@@ -39,7 +39,8 @@ _DECODE_ERRORS = (
 
 
 class DataError(ValueError):
-    """Training data that can't be used. The message is one line: the file or folder, then why."""
+    """Training data (or a file in a folder the code writes to) that can't be used. The message is
+    one line: the file or folder, then why."""
 
     def __init__(self, where: str | Path, reason: object) -> None:
         # Decoder messages sometimes span lines; the user should see exactly one.

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ldm.util import open_append
+
 PER_STEP = ("step", "loss", "loss_instance", "loss_prior", "lr", "grad_norm", "skipped")
 
 
@@ -48,7 +50,7 @@ class RunLogger:
         # purge_step drops events a resumed run rewrites, so curves do not double back.
         self.writer = SummaryWriter(root / "tensorboard", purge_step=start_step + 1)
         new_file = not (root / "metrics.csv").exists()
-        self.csv_file = open(root / "metrics.csv", "a", newline="")
+        self.csv_file = open_append(root / "metrics.csv", newline="")
         self.csv = csv.writer(self.csv_file)
         if new_file:
             self.csv.writerow(PER_STEP)

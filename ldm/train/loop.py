@@ -7,9 +7,9 @@ from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
-from torchvision.utils import save_image
 
 from ldm.checkpoint import save_checkpoint
+from ldm.sample import save_png, to_pil
 from ldm.train import distributed
 from ldm.train.batches import concat, latents_of
 from ldm.train.distributed import DistEnv
@@ -196,6 +196,6 @@ def periodic(cfg, env, run, session: Session, logger, stopping: bool) -> bool:
         )
         if swap:
             ema.restore(model.model.parameters())
-        save_image(grid, run.images / f"step={step:06d}.png")
+        save_png(to_pil(grid[None])[0], run.images / f"step={step:06d}.png")
         logger.image("samples", grid, step)
     return new_best

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import EMA_PREFIX, save_checkpoint
+from ldm.checkpoint import EMA_PREFIX, save_checkpoint, save_text
+from ldm.util import ConfigError
 
 STEP_CHECKPOINT = re.compile(r"^step=(\d{6,})\.ckpt$")
 
@@ -49,7 +50,7 @@ class RunDir:
         for folder in (self.checkpoints, self.images, self.configs):
             folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
-        (self.configs / f"{stamp}-project.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        save_text(OmegaConf.to_yaml(cfg, resolve=True), self.configs / f"{stamp}-project.yaml")
 
 
 def new_run_dir(logdir: str | Path, name: str) -> RunDir:
@@ -58,11 +59,18 @@ def new_run_dir(logdir: str | Path, name: str) -> RunDir:
 
 
 def run_dir_of(resume: str | Path) -> tuple[RunDir, Path]:
-    """`-r` takes a run folder (its last.ckpt) or a checkpoint inside one."""
+    """`-r` takes a run folder (its last.ckpt) or a checkpoint in a run's `checkpoints/`. A
+    checkpoint anywhere else is refused: its folder two levels up would become the run folder,
+    where resuming creates folders and prunes `step=*.ckpt` files."""
     path = Path(resume)
-    if path.suffix == ".ckpt":
-        return RunDir(path.parent.parent), path
-    return RunDir(path), path / "checkpoints" / "last.ckpt"
+    if path.suffix != ".ckpt" and not path.is_file():
+        return RunDir(path), RunDir(path).last
+    if path.parent.name != "checkpoints":
+        raise ConfigError(
+            f"-r {path}: not in a run folder's checkpoints/; resume takes a run folder or "
+            "RUN/checkpoints/*.ckpt (to start from other weights use --actual_resume)"
+        )
+    return RunDir(path.parent.parent), path
 
 
 def rng_state() -> dict:
