@@ -5,7 +5,6 @@ meta device, `.ckpt` tensors are memory-mapped and become the parameters themsel
 `.safetensors` tensors are read one at a time straight into the parameter dtype.
 """
 
-import json
 import os
 import pickle
 import tempfile
@@ -17,6 +16,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ldm.checkpoint_rules import (  # CheckpointError is re-exported: import it from here
+    SAFETENSORS_DTYPES,
+    CheckpointError,
+    check_tensors,
+    check_torch_zip,
+    read_safetensors_header,
+)
 from ldm.util import instantiate_from_config
 
 # Keys that real checkpoints carry and current code does not store; dropped on load.
@@ -27,44 +33,16 @@ IGNORED_KEYS = frozenset(
     }
 )
 EMA_PREFIX = "model_ema."
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line naming the file."""
 
 
 class SafetensorsFile(Mapping):
-    """Lazy read access to a .safetensors file: the header is parsed once, and each tensor is
-    read with plain file reads (no mmap, so nothing of the file stays resident)."""
+    """Lazy read access to a .safetensors file: the header is parsed and checked against the
+    format's rules once (ldm.checkpoint_rules), and each tensor is read with plain file reads
+    (no mmap, so nothing of the file stays resident)."""
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if header_len <= 0 or 8 + header_len > size:
-                raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
-            header = json.loads(f.read(header_len))
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.entries: dict = header
-        self.data_start = 8 + header_len
-        for key, entry in header.items():
-            if entry["dtype"] not in _SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype")
-            if self.data_start + entry["data_offsets"][1] > size:
-                raise CheckpointError(f"{path}: truncated (tensor {key!r} ends past the file)")
+        self.entries, self.metadata, self.data_start = read_safetensors_header(path)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.read(key)
@@ -81,7 +59,7 @@ class SafetensorsFile(Mapping):
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         entry = self.entries[key]
         begin, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
             n = f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -91,6 +69,7 @@ class SafetensorsFile(Mapping):
 
 
 def _load_pickle(path: Path, unsafe_load: bool) -> dict:
+    check_torch_zip(path)  # before torch.load inflates anything
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=not unsafe_load)
     except pickle.UnpicklingError as e:
@@ -114,6 +93,7 @@ def read_checkpoint(path: str | os.PathLike, unsafe_load: bool = False) -> tuple
         st = SafetensorsFile(path)
         return st, dict(st.metadata)
     obj = _load_pickle(path, unsafe_load)
+    check_tensors(path, obj)  # here, so every reader (export.py included) is covered
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     if "state_dict" in obj:

@@ -2,12 +2,14 @@
 built here, never run code, never write outside the folders the user named, and never take
 memory out of proportion to their size. Each is refused with one line naming what is wrong."""
 
+import json
 import os
 import re
 import struct
 import time
 import tracemalloc
 import weakref
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -20,7 +22,13 @@ from PIL import EpsImagePlugin, Image, ImageFile
 
 import ldm.data.images
 import main
-from ldm.checkpoint import save_checkpoint, save_safetensors
+from ldm.checkpoint import (
+    CheckpointError,
+    load_model_from_config,
+    read_checkpoint,
+    save_checkpoint,
+    save_safetensors,
+)
 from ldm.config_files import MAX_CONFIG_NODES, config_from_data, read_config_file
 from ldm.data.images import MAX_IMAGE_PIXELS, DataError, ImageFiles, load_rgb
 from ldm.eval.generate import SamplingSettings, generate_images, plan_images
@@ -346,3 +354,114 @@ def test_logs_and_reports_never_write_through_planted_links(tmp_path, tiny_v1):
     os.mkfifo(run / "fifo.csv")  # opening it to write would wait for a reader forever
     with pytest.raises(DataError, match="fifo.csv: cannot be opened"):
         open_append(run / "fifo.csv")
+
+
+# --- 6 and 7: checkpoints --------------------------------------------------------------------
+
+
+def safetensors_file(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def entry(shape: list, begin: int, end: int, dtype: str = "F32") -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+MALFORMED_SAFETENSORS = {
+    # A tensor declared larger than its bytes: the rest would be uninitialised memory.
+    "short": ({"w": entry([1000], 0, 4)}, bytes(4), "'w' holds 4 bytes but its shape"),
+    # 127 bytes that declare 2 GiB.
+    "huge": ({"w": entry([2**29], 0, 2**31)}, b"", r"truncated \(tensor 'w' ends past"),
+    # A negative offset would read the header as tensor data.
+    "negative": ({"w": entry([2], -8, 0)}, bytes(8), "'w' has malformed data_offsets"),
+    "overlap": ({"a": entry([1], 0, 4), "b": entry([1], 0, 4)}, bytes(4), "'b' starts at byte 0"),
+    "gap": ({"a": entry([1], 4, 8)}, bytes(8), "'a' starts at byte 4 of the data, expected 0"),
+    "shape": ({"w": entry([2, -1], 0, 8)}, bytes(8), "'w' has a malformed shape"),
+    "dtype": ({"w": entry([1], 0, 4, "F8_E4M3")}, bytes(4), "'w' has unsupported dtype"),
+    "trailing": ({"w": entry([1], 0, 4)}, bytes(8), "4 bytes after the last tensor"),
+    "values": ({"w": entry([0] * 1_100_000, 0, 0)}, b"", "header has over 1000000 values"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_SAFETENSORS))
+def test_malformed_safetensors_are_refused_naming_the_tensor(tmp_path, case):
+    header, data, message = MALFORMED_SAFETENSORS[case]
+    path = safetensors_file(tmp_path / f"{case}.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=f"{case}.safetensors: .*{message}") as info:
+        read_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_safetensors_header_bounds(tmp_path):
+    path = tmp_path / "big.safetensors"
+    path.write_bytes((100_000_001).to_bytes(8, "little") + b"{" + bytes(16))
+    with pytest.raises(CheckpointError, match="big.safetensors: not a safetensors file"):
+        read_checkpoint(path)
+    path.write_bytes((2**20).to_bytes(8, "little") + b"{}")  # longer than the file
+    with pytest.raises(CheckpointError, match="header of 1048576 bytes in a file of 10"):
+        read_checkpoint(path)
+    path.write_bytes((4).to_bytes(8, "little") + b"[[[[" + b"")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_checkpoint(path)
+
+
+def test_malformed_files_stop_txt2img_and_export_in_one_line(tmp_path, capsys):
+    short = safetensors_file(tmp_path / "short.safetensors", *MALFORMED_SAFETENSORS["short"][:2])
+    huge = safetensors_file(tmp_path / "huge.safetensors", *MALFORMED_SAFETENSORS["huge"][:2])
+    argv = ["--ckpt", str(short), "--config", str(CONFIGS / "stable-diffusion" / "v1-tiny.yaml")]
+    assert txt2img.main([*argv, "--outdir", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert "short.safetensors: tensor 'w' holds 4 bytes" in one_line_error(capsys)
+    out = tmp_path / "out.safetensors"
+    assert export.main(["--ckpt", str(huge), "--out", str(out), "--config", argv[-1]]) == 1
+    assert "huge.safetensors: truncated (tensor 'w'" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def deflated(path: Path, member: str = "data.pkl") -> Path:
+    """`path` rewritten with `member` deflated, as torch.save never writes it."""
+    with zipfile.ZipFile(path) as source:
+        entries = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w") as target:
+        for info, data in entries:
+            stored = not info.filename.endswith(member)
+            info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+            target.writestr(info, data)
+    return path
+
+
+def test_checkpoint_bombs_are_refused_before_they_grow(tmp_path, capsys):
+    # A pickle that inflates 200-fold: 64 MB of text in a file of a few hundred KB.
+    zipped = tmp_path / "zipped.ckpt"
+    save_checkpoint({"state_dict": {"w": torch.zeros(1)}, "note": "0" * 2**26}, zipped)
+    assert deflated(zipped).stat().st_size < 2**20
+    with pytest.raises(CheckpointError, match=r"zipped.ckpt: zip entry '.*data.pkl' is compressed"):
+        read_checkpoint(zipped)
+    # One float, expanded with stride 0 to 2 GiB: .contiguous() (export) would allocate it all.
+    expanded = tmp_path / "expanded.ckpt"
+    save_checkpoint({"state_dict": {"w": torch.zeros(1).expand(2**29)}}, expanded)
+    assert expanded.stat().st_size < 10_000
+    out = tmp_path / "out.safetensors"
+    config = str(CONFIGS / "stable-diffusion" / "v1-tiny.yaml")
+    assert export.main(["--ckpt", str(expanded), "--out", str(out), "--config", config]) == 1
+    message = "expanded.ckpt: tensor ['state_dict']['w'] has 536870912 elements but its storage"
+    assert message in one_line_error(capsys) and not out.exists()
+    # One 4 MB storage under 100 names: 400 MB for whoever copies each entry.
+    shared = tmp_path / "shared.ckpt"
+    one = torch.zeros(2**20)
+    save_checkpoint({"state_dict": {f"w{i}": one for i in range(100)}}, shared)
+    with pytest.raises(CheckpointError, match="shared.ckpt: its tensors add up to more than twice"):
+        read_checkpoint(shared)
+
+
+def test_real_layout_checkpoints_still_pass_the_checks(tmp_path, tiny_v1):
+    sd = tiny_v1.state_dict()
+    save_checkpoint(
+        {"state_dict": sd, "optimizer": {"state": {0: {"step": torch.tensor(1.0)}}}},
+        tmp_path / "m.ckpt",
+    )
+    save_safetensors(sd, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    for name in ("m.ckpt", "m.safetensors"):
+        model = load_model_from_config(tiny_config("v1"), tmp_path / name)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
