@@ -56,12 +56,15 @@ def check_target(target: object, unsafe: bool = False) -> None:
 
 def check_targets(config: object, unsafe: bool = False) -> None:
     """`check_target` for every `target` in a config tree: a config from a file is refused
-    before anything is built (or, by export, passed on)."""
+    before anything is built (or, by export, passed on). A shared part is checked once."""
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config, resolve=False)
-    stack = [config]
+    stack, seen = [config], set()
     while stack:
         node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
         if isinstance(node, Mapping):
             if "target" in node:
                 check_target(node["target"], unsafe)
