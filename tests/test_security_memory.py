@@ -24,7 +24,9 @@ from ldm.checkpoint import (
     save_safetensors,
 )
 from ldm.data.images import MAX_IMAGE_PIXELS, DataError, ImageFiles, load_rgb
+from ldm.eval.clip import load_clip
 from ldm.eval.metrics import embed_images
+from ldm.eval.weights import load_state_dict_file
 
 from .conftest import CONFIGS, load_script, tiny_config
 from .test_security import DOG_PHOTOS, one_line_error
@@ -224,3 +226,18 @@ def test_real_layout_checkpoints_still_pass_the_checks(tmp_path, tiny_v1):
     for name in ("m.ckpt", "m.safetensors"):
         model = load_model_from_config(tiny_config("v1"), tmp_path / name)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_evaluator_weight_files_obey_the_same_rules(tmp_path):
+    zipped = tmp_path / "dino.pth"
+    torch.save({"w" * 2**20: torch.zeros(1)}, zipped)  # a 1 MB name: a plain state dict
+    deflated(zipped)
+    for load in (lambda: load_state_dict_file(zipped, "url"), lambda: load_clip(zipped)):
+        with pytest.raises(
+            CheckpointError, match=r"dino.pth: zip entry '.*data.pkl' is compressed"
+        ):
+            load()
+    expanded = tmp_path / "lpips.pth"
+    torch.save({"w": torch.zeros(1).expand(2**29)}, expanded)
+    with pytest.raises(CheckpointError, match=r"lpips.pth: tensor \['w'\] has 536870912 elements"):
+        load_state_dict_file(expanded, "url")
