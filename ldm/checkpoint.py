@@ -7,7 +7,9 @@ meta device, `.ckpt` tensors are memory-mapped and become the parameters themsel
 
 import os
 import pickle
+import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +35,10 @@ IGNORED_KEYS = frozenset(
     }
 )
 EMA_PREFIX = "model_ema."
+
+
+class SaveError(RuntimeError):
+    """A file or folder that cannot be written (no space, no permission); one line naming it."""
 
 
 class SafetensorsFile(Mapping):
@@ -70,8 +76,11 @@ class SafetensorsFile(Mapping):
 
 def _load_pickle(path: Path, unsafe_load: bool) -> dict:
     check_torch_zip(path)  # before torch.load inflates anything
+    # torch.save's zip format memory-maps; the legacy format (torch < 1.6, old SD tools) cannot,
+    # and is read into memory instead.
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=not unsafe_load)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=not unsafe_load)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0][:200]
         raise CheckpointError(
@@ -231,11 +240,40 @@ def load_model_from_config(
     return load_model(config["model"], ckpt, use_ema=use_ema, unsafe_load=unsafe_load)[0]
 
 
-def _atomic_write(path: Path, write) -> None:
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) payload: about what torch.save writes. Each object is
+    counted once, as torch.save writes it once: a payload with shared parts (a loaded file's
+    may have them) is walked in time linear in its objects, not in its expanded tree."""
+    total, seen, stack = 0, set(), [obj]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.Tensor):
+            total += node.nbytes
+        elif isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return total
+
+
+def _atomic_write(path: Path, write, nbytes: int = 0) -> None:
     """`write(tmp_path)`, fsync, then rename over `path`: a crash never leaves a half-written
-    file in place of a good one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    file in place of a good one. With `nbytes`, a disk without room for them is an error before
+    anything is written (a full disk otherwise shows as torch's "unexpected pos")."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if nbytes and nbytes + 2**20 > free:
+            raise SaveError(
+                f"{path}: not enough disk space: it needs {nbytes / 1e9:.2f} GB, "
+                f"{free / 1e9:.2f} GB are free"
+            )
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SaveError(f"{path}: cannot be written ({e.strerror or e})") from None
     os.close(fd)
     try:
         write(tmp)
@@ -245,14 +283,24 @@ def _atomic_write(path: Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise SaveError(f"{path}: writing failed ({e.strerror or e})") from None
+    except RuntimeError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if "unexpected pos" not in str(e) and "write failed" not in str(e):
+            raise
+        # torch's zip writer says this when the disk fills up while it writes.
+        free = shutil.disk_usage(path.parent).free / 1e9
+        raise SaveError(f"{path}: writing failed, disk full? ({free:.2f} GB free)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
-    """torch.save, written atomically."""
-    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    """torch.save, written atomically, after checking that the disk has room for it."""
+    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp), tensor_bytes(payload))
 
 
 def save_text(text: str, path: str | os.PathLike) -> None:
@@ -266,3 +314,11 @@ def save_safetensors(
     """A .safetensors file, written atomically."""
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def half_precision(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A state-dict entry as a lean fp16 file stores it: weights in fp16; the schedule buffers
+    (top-level names) and the EMA decay stay as they are, since fp16 would shift the maths."""
+    if tensor.is_floating_point() and "." in key and key != f"{EMA_PREFIX}decay":
+        return tensor.half()
+    return tensor

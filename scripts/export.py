@@ -20,6 +20,7 @@ from ldm.checkpoint import (
     EMA_PREFIX,
     CheckpointError,
     ema_key,
+    half_precision,
     read_checkpoint,
     save_checkpoint,
     save_safetensors,
@@ -52,10 +53,7 @@ def lean_state(source, use_ema: bool, half: bool, path) -> dict[str, torch.Tenso
     for key in keys:
         take_ema = use_ema and key.startswith("model.diffusion_model.")
         tensor = source[ema_key(key) if take_ema else key]
-        # Schedule buffers (top-level names) stay fp32: fp16 would shift the sampling maths.
-        if half and tensor.is_floating_point() and "." in key:
-            tensor = tensor.half()
-        state[key] = tensor
+        state[key] = half_precision(key, tensor) if half else tensor
     return state
 
 

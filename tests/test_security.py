@@ -28,7 +28,7 @@ from ldm.util import ConfigError, instantiate_from_config, open_append
 from scripts import evaluate
 
 from .conftest import CONFIGS, build_tiny, load_script, tiny_config
-from .train_helpers import DEMO, small_config
+from .train_helpers import TINY, small_config
 
 export = load_script("export")
 sample_prior = load_script("sample_prior")
@@ -58,7 +58,7 @@ def command(marker) -> dict:
 def training_checkpoint(run, config: dict) -> Path:
     """A run folder whose last.ckpt loads with weights_only=True and carries `config`."""
     path = run / "checkpoints" / "last.ckpt"
-    save_checkpoint({"state_dict": {}, "config": config, "optimizer": {}}, path)
+    save_checkpoint({"state_dict": {}, "config": config, "train_state": {}}, path)
     return path
 
 
@@ -197,7 +197,7 @@ def test_photos_are_decoded_only_in_the_accepted_formats(tmp_path, monkeypatch, 
     (photos / "00.jpg").write_text(eps)
     with pytest.raises(DataError, match="00.jpg: not a JPEG, PNG, WEBP, BMP, TIFF image"):
         load_rgb(photos / "00.jpg")
-    argv = ["-b", str(DEMO), "-t", "--data_root", str(photos), "--class_word", "dog"]
+    argv = ["-b", str(TINY), "-t", "--data_root", str(photos), "--class_word", "dog"]
     assert main.main([*argv, "-l", str(tmp_path / "logs")]) == 1
     assert "00.jpg: not a JPEG" in one_line_error(capsys)
     assert not marker.exists() and not (tmp_path / "logs").exists()
@@ -237,7 +237,7 @@ def test_resume_takes_only_a_checkpoint_inside_a_run(tmp_path, capsys):
     home = tmp_path / "home"
     config = OmegaConf.to_container(small_config(tmp_path / "class"))
     friend = home / "Downloads" / "friend.ckpt"
-    save_checkpoint({"state_dict": {}, "config": config, "optimizer": {}}, friend)
+    save_checkpoint({"state_dict": {}, "config": config, "train_state": {}}, friend)
     (home / "checkpoints").mkdir()
     (home / "checkpoints" / "step=000001.ckpt").write_text("someone's file")
     before = files_under(home), sorted(home.rglob("*"))
@@ -260,6 +260,13 @@ def test_logs_and_reports_never_write_through_planted_links(tmp_path, tiny_v1):
     write_report(out, {"metrics": {}}, "# report")
     assert (out / "report.md").read_text() == "# report\n" and not (out / "report.md").is_symlink()
     assert all(v.read_text() == "precious" for v in [victim, victim_index, *reports])
+    # A resume from an older step rewrites metrics.csv: through a fresh file, not the old name.
+    (run / "metrics.csv").unlink()
+    (run / "metrics.csv").write_text("step,loss\n1,0.5\n2,0.4\n3,0.3\n")
+    victim_tmp = planted_link(run / ".metrics.csv.tmp", tmp_path / "tmp")
+    RunLogger(run, start_step=2, max_steps=3).close()
+    assert (run / "metrics.csv").read_text().splitlines() == ["step,loss", "1,0.5", "2,0.4"]
+    assert all(v.read_text() == "precious" for v in [victim, victim_index, victim_tmp, *reports])
     os.mkfifo(run / "fifo.csv")  # opening it to write would wait for a reader forever
     with pytest.raises(DataError, match="fifo.csv: cannot be opened"):
         open_append(run / "fifo.csv")
