@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))  # main.py and scripts/ sit beside the installed l
 
 import main as train_main  # noqa: E402
 from ldm.checkpoint import load_state_into, read_checkpoint, save_checkpoint  # noqa: E402
+from ldm.config_files import read_config_file  # noqa: E402
 from ldm.data import toyworld as tw  # noqa: E402
 from ldm.data.images import list_images, load_rgb  # noqa: E402
 from ldm.train.autoencoder import evaluate_autoencoder, train_autoencoder  # noqa: E402
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     render_world(work / "world", opt.world, opt.seed)
     figures["render_s"] = time.perf_counter() - start
 
-    model_cfg = OmegaConf.load(BASE).model
+    model_cfg = read_config_file(BASE).model
     vae, vae_figures = train_vae(opt, model_cfg, work / "world")
     figures.update(vae=vae_figures, vae_s=time.perf_counter() - start - figures["render_s"])
     scale = round(1.0 / vae_figures["latent_std"], 5)

@@ -23,6 +23,8 @@ from ldm.checkpoint import (
     save_checkpoint,
     save_safetensors,
 )
+from ldm.data import toyworld as tw
+from ldm.data.dreambooth import MAX_CAPTION_BYTES, DreamBoothDataset
 from ldm.data.images import MAX_IMAGE_PIXELS, DataError, ImageFiles, load_rgb
 from ldm.eval.clip import load_clip
 from ldm.eval.metrics import embed_images
@@ -241,3 +243,10 @@ def test_evaluator_weight_files_obey_the_same_rules(tmp_path):
     torch.save({"w": torch.zeros(1).expand(2**29)}, expanded)
     with pytest.raises(CheckpointError, match=r"lpips.pth: tensor \['w'\] has 536870912 elements"):
         load_state_dict_file(expanded, "url")
+
+
+def test_a_caption_file_is_read_only_up_to_its_limit(tmp_path):
+    tw.write_world(tmp_path / "world", 2, seed=0)
+    (tmp_path / "world" / "00001.txt").write_text("a photo of a ball, " * 4000)  # 76 KB
+    with pytest.raises(DataError, match=f"00001.txt: over {MAX_CAPTION_BYTES} bytes"):
+        DreamBoothDataset(tmp_path / "world", "sks", None, size=64, captions=True)
