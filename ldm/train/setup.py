@@ -191,7 +191,13 @@ def make_loader(cfg, env, model, dataset, cache, start_step: int) -> DataLoader:
     tc = cfg.train
     latent_shape = model.latent_shape(cfg.data.size, cfg.data.size)
     positions = PositionDataset(
-        dataset, tc.seed, latent_shape, model.num_timesteps, cache, cfg.data.caption_dropout
+        dataset,
+        tc.seed,
+        latent_shape,
+        model.num_timesteps,
+        cache,
+        cfg.data.caption_dropout,
+        tc.noise_offset,
     )
     sampler = PositionSampler(
         env.rank, env.world_size, tc.batch_size, start=start_step * tc.accumulate_grad_batches
