@@ -105,3 +105,14 @@ def test_noise_offset_shifts_each_channel_and_keeps_the_other_draws(tmp_path):
     assert 0 < shift[:, 0, 0].abs().max() < 0.5
     for key in ("instance_t", "instance_eps", "instance_prompt"):
         assert torch.equal(offset[key], plain[key])
+
+
+def test_timesteps_are_uniform_over_the_whole_schedule(tmp_path):
+    """The short DreamBooth test (test_toy_dreambooth.py) still passes when only small timesteps
+    are trained (the colour it reads is set late in sampling), so the range is checked here."""
+    tw.write_world(tmp_path / "world", 4, seed=0)
+    dataset = DreamBoothDataset(tmp_path / "world", "sks", None, size=64, captions=True)
+    positions = PositionDataset(dataset, 5, (4, 8, 8), 1000)
+    t = torch.stack([positions[i]["instance_t"] for i in range(3000)]).float()
+    assert t.min() < 10 and t.max() > 990
+    assert abs(t.mean().item() - 499.5) < 20 and abs(t.std().item() - 288.7) < 15
