@@ -11,14 +11,14 @@ a graph reads the weights in place, so it follows training, but keeps its own ac
 UNVERIFIED on a GPU (see `ldm.graphs`); without CUDA, `captured_sampler` is the plain sampler.
 """
 
-import weakref
-
 import torch
 
 from ldm.graphs import GraphedCall, signature
 from ldm.models.diffusion.ddim import DDIMSampler
 
-_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+# The model's attribute that holds its graphs: they live and die with its weights (the graphs
+# refer to the model, so a cache beside it would keep it alive).
+GRAPHS = "_ddim_graphs"
 
 
 class CapturedDDIMSampler(DDIMSampler):
@@ -27,7 +27,7 @@ class CapturedDDIMSampler(DDIMSampler):
     def __init__(self, model, precision: str, schedule: str = "linear"):
         super().__init__(model, schedule)
         self.precision = precision
-        self.graphs = _GRAPHS.setdefault(model, {})
+        self.graphs = model.__dict__.setdefault(GRAPHS, {})  # not a module, buffer or parameter
 
     def guided_model_output(
         self, x: torch.Tensor, t: torch.Tensor, c, scale: float, uc
@@ -57,4 +57,4 @@ def captured_sampler(model, precision: str) -> DDIMSampler:
 
 def release_graphs(model) -> None:
     """Free the model's sampling graphs and their memory (e.g. after the class images)."""
-    _GRAPHS.pop(model, None)
+    model.__dict__.pop(GRAPHS, None)
