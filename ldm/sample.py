@@ -1,13 +1,13 @@
 """Text-to-image with DDIM and classifier-free guidance: the one path that txt2img, prior (class)
 image sampling, training-time sample grids and evaluation all use."""
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ldm.checkpoint import _atomic_write
 from ldm.models.diffusion.captured import captured_sampler
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import autocast, precision_dtype
@@ -80,12 +80,10 @@ def generate(
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write through a temporary name, so an interrupted write never leaves a truncated PNG
-    (which a resumed run would count as done)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write a fresh temporary file and rename it over `path`: an interrupted write never leaves
+    a truncated PNG (which a resumed run would count as done), and a file or link planted in the
+    folder (a downloaded class-image set may hold one) is replaced, never written through."""
+    _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from ldm.checkpoint import load_model_from_config
+from ldm.config_files import read_config_file
 from ldm.sample import generate, prepare_for_sampling, seeded_noise
 from ldm.train.logger import peak_memory_gb, reset_peak_memory
 from ldm.util import default_precision, instantiate_from_config
@@ -68,7 +68,7 @@ def device_name(device: torch.device) -> str:
 
 
 def build_model(opt: argparse.Namespace) -> torch.nn.Module:
-    config = OmegaConf.load(opt.config)
+    config = read_config_file(opt.config)
     if opt.ckpt:
         model = load_model_from_config(config, opt.ckpt)
     else:

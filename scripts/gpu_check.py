@@ -223,14 +223,13 @@ def table_rows(text: str) -> list[dict[str, str]]:
 def write_checkpoint(config: str, out: Path, device: str) -> None:
     """Random weights in the SD layout, made on the device; zero-initialised layers (SD's output
     layers) randomised too, so that every part trains as it would from a real checkpoint."""
-    from omegaconf import OmegaConf
-
     from ldm.checkpoint import save_checkpoint
+    from ldm.config_files import read_config_file
     from ldm.util import instantiate_from_config
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = instantiate_from_config(OmegaConf.load(ROOT / config).model)
+        model = instantiate_from_config(read_config_file(ROOT / config).model)
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():

@@ -93,3 +93,15 @@ def test_caption_dropout_is_keyed_by_position(tmp_path):
     b = PositionDataset(dataset, 5, (4, 8, 8), 1000)[3]
     assert torch.equal(a["instance_t"], b["instance_t"])
     assert torch.equal(a["instance_noise"], b["instance_noise"])
+
+
+def test_noise_offset_shifts_each_channel_and_keeps_the_other_draws(tmp_path):
+    tw.write_world(tmp_path / "world", 4, seed=0)
+    dataset = DreamBoothDataset(tmp_path / "world", "sks", None, size=64, captions=True)
+    plain = PositionDataset(dataset, 5, (4, 8, 8), 1000)[3]
+    offset = PositionDataset(dataset, 5, (4, 8, 8), 1000, noise_offset=0.1)[3]
+    shift = offset["instance_noise"] - plain["instance_noise"]  # [4, 8, 8]
+    assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift), atol=1e-6)
+    assert 0 < shift[:, 0, 0].abs().max() < 0.5
+    for key in ("instance_t", "instance_eps", "instance_prompt"):
+        assert torch.equal(offset[key], plain[key])

@@ -7,8 +7,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
+from ldm.sample import save_png, to_pil
 from ldm.train import distributed
 from ldm.train.batches import concat, latents_of
 from ldm.train.distributed import DistEnv
@@ -226,5 +226,5 @@ def log_samples(cfg, run: RunDir, session: Session, logger: RunLogger) -> None:
     )  # fmt: skip
     if swap:
         ema.restore(model.model.parameters())
-    save_image(grid, run.images / f"step={step:06d}.png")
+    save_png(to_pil(grid[None])[0], run.images / f"step={step:06d}.png")
     logger.image("samples", grid, step)

@@ -82,13 +82,13 @@ def build_model(cfg, resume: Resume | None, unsafe_load: bool) -> nn.Module:
     try:
         if resume is not None:
             with empty_parameters():
-                model = instantiate_from_config(cfg.model)
+                model = instantiate_from_config(cfg.model, unsafe=unsafe_load)
             load_state_into(model, resume.source, path=resume.path)
             return model
         tc = cfg.train
         if tc.actual_resume is None:
             torch.manual_seed(tc.seed)
-            return instantiate_from_config(cfg.model)
+            return instantiate_from_config(cfg.model, unsafe=unsafe_load)
         return load_model(cfg.model, tc.actual_resume, tc.use_ema_weights, unsafe_load)[0]
     except (CheckpointError, ConfigError):
         raise
@@ -193,7 +193,13 @@ def make_loader(cfg, env, model, dataset, cache, start_step: int) -> DataLoader:
     tc = cfg.train
     latent_shape = model.latent_shape(cfg.data.size, cfg.data.size)
     positions = PositionDataset(
-        dataset, tc.seed, latent_shape, model.num_timesteps, cache, cfg.data.caption_dropout
+        dataset,
+        tc.seed,
+        latent_shape,
+        model.num_timesteps,
+        cache,
+        cfg.data.caption_dropout,
+        tc.noise_offset,
     )
     sampler = PositionSampler(
         env.rank, env.world_size, tc.batch_size, start=start_step * tc.accumulate_grad_batches
