@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--precision", default=None, help="32, bf16 or autocast (default: autocast on CUDA)"
     )
     p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument(
+        "--capture", action="store_true", help="the guided UNet call as a CUDA graph (unverified)"
+    )
     return p.parse_args(argv)
 
 
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         class_prompt = format_prompt(args.template, "", args.class_word)
         wrote = sample_class_images(
             model, args.outdir, class_prompt, prior, args.size, precision,
-            todo[env.rank :: env.world_size], progress=env.is_main,
+            todo[env.rank :: env.world_size], progress=env.is_main, capture=args.capture,
         )  # fmt: skip
         distributed.barrier(env)
         if env.is_main:

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip_grid", action="store_true")
     p.add_argument("--skip_save", action="store_true", help="write the grid only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--capture", action="store_true", help="the guided UNet call as a CUDA graph (unverified)"
+    )
     opt = p.parse_args(argv)
     opt.n_rows = opt.n_rows or opt.n_samples
     opt.precision = opt.precision or default_precision(opt.device)
@@ -172,6 +175,7 @@ def sample_all(
                 precision=opt.precision,
                 generator=generator,
                 verbose=True,
+                capture=opt.capture,
             ).cpu()
             if not opt.skip_save:
                 for image in to_pil(images):

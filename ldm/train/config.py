@@ -112,6 +112,7 @@ class TrainConfig:
     fused_backward: bool = False  # optimizer step inside backward, per parameter
     channels_last: bool = False
     compile: bool = False
+    capture: bool = False  # CUDA graphs: step, class images, grids (unverified: captured.py)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from ldm.data.dreambooth import DreamBoothDataset, format_prompt
 from ldm.modules.ema import LitEma
 from ldm.train import distributed
 from ldm.train.batches import LatentCache, PositionDataset, PositionSampler, stack_batch
+from ldm.train.captured import captured_step
 from ldm.train.config import ConfigError, uses_prior
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import Validation
@@ -152,6 +153,7 @@ def prepare(
         wrote = sample_class_images(
             model, dc.class_root, class_prompt, cfg.prior, dc.size, tc.precision,
             todo[env.rank :: env.world_size], progress=env.is_main, should_stop=should_stop,
+            capture=tc.capture,
         )  # fmt: skip
         if wrote:
             logger.message(f"sampled {wrote} class images into {dc.class_root} (rank {env.rank})")
@@ -305,6 +307,7 @@ class Session:
     validation: Validation | None
     frozen_state: dict
     state: TrainState
+    captured: object = None  # ldm.train.captured.CapturedStep when train.capture applies
 
 
 def setup(
@@ -353,7 +356,9 @@ def setup(
             gradient_as_bucket_view=True,
         )
     batches = iter(make_loader(cfg, env, model, dataset, cache, state.step))
-    return Session(
+    session = Session(
         model, ddp, optimizer, scheduler, scaler, trained_parameters(model), batches, cond_of,
         kinds, ema, text_ema, validation, frozen_state, state,
     )  # fmt: skip
+    session.captured = captured_step(session, cfg, env, logger)
+    return session
