@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
 import main as train_main
 from ldm.checkpoint import read_checkpoint
+from ldm.config_files import config_from_data
 from ldm.train.config import config_leaves, load_config, uses_prior
 from ldm.train.state import RunDir
 from ldm.train.trackers import read_summary, record_evaluation
@@ -150,10 +151,16 @@ def trained_steps(run: Path) -> int:
     return int(read_checkpoint(RunDir(run).last)[1].get("global_step", 0))
 
 
-def changed_settings(job: Job, trained: dict) -> list[str]:
+def trained_config(run: Path) -> DictConfig:
+    """The config inside the run's last.ckpt (read as a config from a file: bounded)."""
+    last = RunDir(run).last
+    return config_from_data(read_checkpoint(last)[1].get("config", {}), f"{last}: config")
+
+
+def changed_settings(job: Job, run: Path) -> list[str]:
     """Config keys whose value in the run differs from the job's (beyond RESUMABLE ones)."""
     ours = config_leaves(load_config(job.bases, job.overrides))
-    theirs = config_leaves(OmegaConf.create(trained))
+    theirs = config_leaves(trained_config(run))
     keys = (set(ours) | set(theirs)) - set(RESUMABLE)
     return sorted(k for k in keys if ours.get(k, "<unset>") != theirs.get(k, "<unset>"))
 
@@ -165,8 +172,7 @@ def train_job(job: Job) -> Path | None:
     if run is None:
         argv = ["-b", *job.bases, "-t", "-l", job.logdir, "-n", job.run_name, *device]
     else:
-        _, extras = read_checkpoint(RunDir(run).last)
-        changed = changed_settings(job, extras.get("config", {}))
+        changed = changed_settings(job, run)
         if changed:
             keys = ", ".join(changed[:4])
             print(
@@ -175,7 +181,7 @@ def train_job(job: Job) -> Path | None:
                 file=sys.stderr,
             )
             return None
-        if int(extras.get("global_step", 0)) >= job.max_steps:
+        if trained_steps(run) >= job.max_steps:
             print(f"{job.name}: trained ({job.max_steps} steps) in {run}", flush=True)
             return run
         argv = ["-r", str(run), "-t", *device]
@@ -190,8 +196,7 @@ def evaluate_job(job: Job, run: Path, networks: Any = None) -> bool:
     try:
         networks = job.target.load(job.device) if networks is None else networks
         figures = job.target.evaluate(networks, run, job.subject, job.device)
-        record_evaluation(run, OmegaConf.create(read_checkpoint(RunDir(run).last)[1]["config"]),
-                          figures)  # fmt: skip
+        record_evaluation(run, trained_config(run), figures)
     except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
         print(f"{job.name}: evaluation failed: {one_line(e)}", file=sys.stderr)
         return False

@@ -75,7 +75,8 @@ def from_json(metrics: Mapping[str, float | None]) -> dict[str, float]:
 
 
 def write_report(outdir: str | Path, report: Mapping, markdown: str, name: str = "report") -> None:
-    """`name.json` and `name.md` in `outdir`, each written atomically."""
+    """`name.json` and `name.md` in `outdir`, each written whole and renamed into place (so a
+    link planted in a shared folder is replaced, never written through)."""
     outdir = Path(outdir)
     save_text(json.dumps(report, indent=2, allow_nan=False) + "\n", outdir / f"{name}.json")
     save_text(markdown + "\n", outdir / f"{name}.md")

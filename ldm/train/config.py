@@ -12,14 +12,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.util import size_multiple
+from ldm.config_files import read_config_file
+from ldm.util import ConfigError, size_multiple
 
 TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding")
 LOGGERS = ("tensorboard", "wandb")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one line."""
 
 
 @dataclass
@@ -105,6 +102,9 @@ class TrainConfig:
     precision: str = "bf16"  # 32 | bf16 | 16 (fp16 with a GradScaler)
     trainable: list[str] = field(default_factory=lambda: ["unet"])
     prior_loss_weight: float = 1.0  # lambda; 0 turns prior preservation off
+    # "Offset noise": each latent channel's noise shifted by noise_offset * N(0, 1), so x_T's
+    # channel means stop telling the model the image's mean colour (0 = the paper's noise)
+    noise_offset: float = 0.0
     seed: int = 23
     log_every: int = 10
     loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # and/or wandb
@@ -125,6 +125,7 @@ class TrainConfig:
     fused_backward: bool = False  # optimizer step inside backward, per parameter
     channels_last: bool = False
     compile: bool = False
+    capture: bool = False  # CUDA graphs: step, class images, grids (unverified: captured.py)
 
 
 @dataclass
@@ -145,13 +146,7 @@ def load_config(
     """Merge the schema defaults, the YAML files in order, flag values (dotted keys), then the
     `key.path=value` overrides; validate and return the resolved config."""
     configs = [OmegaConf.structured(RunSchema)]
-    for base in bases:
-        if not Path(base).is_file():
-            raise ConfigError(f"{base}: no such config file")
-        try:
-            configs.append(OmegaConf.load(base))
-        except (OmegaConfBaseException, ValueError) as e:
-            raise ConfigError(f"{base}: {_one_line(e)}") from None
+    configs += [read_config_file(base) for base in bases]  # bounded, no interpolations
     return merge_overrides(configs, overrides, flags)
 
 
@@ -239,6 +234,7 @@ def value_checks(cfg: DictConfig) -> dict[str, bool]:
         "train.max_nonfinite_steps": t.max_nonfinite_steps > 0,
         "train.ema.decay": 0.0 <= t.ema.decay <= 1.0,
         "train.prior_loss_weight": t.prior_loss_weight >= 0,
+        "train.noise_offset": 0.0 <= t.noise_offset < 1.0,
         "train.sample.every": t.sample.every >= 0,
         "train.sample.n_per_prompt": t.sample.n_per_prompt > 0,
         "train.sample.ddim_steps": 0 < t.sample.ddim_steps <= timesteps,
