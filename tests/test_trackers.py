@@ -153,7 +153,10 @@ def test_wandb_offline_run_and_resume(tmp_path, class_root, wandb_offline, monke
     wandb_offline.teardown()  # as a new process would: the resume below sees no WANDB_RUN_ID
     run = only_run(tmp_path / "logs")
     assert (run / "wandb" / "run_id").read_text().strip() == "sweeprun1"
-    (first,) = run.glob("wandb/offline-run-*-sweeprun1")
+    # One folder per W&B session, named by the second it began (a second session in the same
+    # second gets a "-1" suffix).
+    sessions = lambda: set(run.glob("wandb/offline-run-*-sweeprun1*"))  # noqa: E731
+    (first,) = sessions()
     records = wandb_records(first / "run-sweeprun1.wandb")
     (start,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert start.display_name == run.name and start.project == "dreambooth"
@@ -178,13 +181,13 @@ def test_wandb_offline_run_and_resume(tmp_path, class_root, wandb_offline, monke
     # An evaluation of last.ckpt (scripts/evaluate.py's path) joins the W&B run's summary.
     cfg = OmegaConf.load(next((run / "configs").glob("*-project.yaml")))
     record_evaluation(run, cfg, {"dino": 0.5})
-    (evaluated,) = set(run.glob("wandb/offline-run-*-sweeprun1")) - {first}
+    (evaluated,) = sessions() - {first}
     summary = summary_items(wandb_records(evaluated / "run-sweeprun1.wandb"))
     assert json.loads(summary["eval/dino"]) == 0.5
 
     # -r continues the same W&B run, from the next step.
     assert main.main(["-r", str(run), "-t", "train.max_steps=3"]) == 0
-    (second,) = set(run.glob("wandb/offline-run-*-sweeprun1")) - {first, evaluated}
+    (second,) = sessions() - {first, evaluated}
     records = wandb_records(second / "run-sweeprun1.wandb")
     (start,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert start.run_id == "sweeprun1" and start.display_name == run.name

@@ -49,12 +49,19 @@ class RunLogger:
     def __init__(
         self, root: Path | None, start_step: int, max_steps: int, cfg: DictConfig | None = None
     ):
-        """`cfg` (the run's config, for its trackers) is needed with a `root` only."""
+        """`cfg`: the run's config, for its trackers (without one: TensorBoard, no hparams)."""
         self.enabled = root is not None
         self.pending: list[dict[str, torch.Tensor | float]] = []
         self.last_time, self.last_step = time.perf_counter(), start_step
         if not self.enabled:
             return
+        new_file = not (root / "metrics.csv").exists()
+        if not new_file:
+            _truncate_csv(root / "metrics.csv", start_step)
+        self.csv_file = open_append(root / "metrics.csv", newline="")
+        self.csv = csv.writer(self.csv_file)
+        if new_file:
+            self.csv.writerow(PER_STEP)
         self.root, self.max_steps = root, max_steps
         self.trackers = open_trackers(root, cfg, start_step)
         self.final: dict[str, float] = {}  # this session's part of the run's summary
@@ -64,13 +71,6 @@ class RunLogger:
         previous = update_summary(root, {}, self.trackers, max_steps, drop)
         best = previous.get("val/best_loss")
         self.best_val = math.inf if best is None else best
-        new_file = not (root / "metrics.csv").exists()
-        if not new_file:
-            _truncate_csv(root / "metrics.csv", start_step)
-        self.csv_file = open_append(root / "metrics.csv", newline="")
-        self.csv = csv.writer(self.csv_file)
-        if new_file:
-            self.csv.writerow(PER_STEP)
         self.bar_args = dict(total=max_steps, initial=start_step, desc="train", file=sys.stdout)
         self.bar = None  # made at the first flush, after set-up has printed what it prints
 

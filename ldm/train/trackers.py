@@ -69,8 +69,11 @@ def update_summary(
     return summary
 
 
-def open_trackers(root: Path, cfg: DictConfig, start_step: int) -> list[Tracker]:
-    """The trackers `train.loggers` names, for a run (new or resumed at `start_step`)."""
+def open_trackers(root: Path, cfg: DictConfig | None, start_step: int) -> list[Tracker]:
+    """The trackers `train.loggers` names, for a run (new or resumed at `start_step`); without
+    a config, TensorBoard."""
+    if cfg is None:
+        return [TensorBoardTracker(Path(root), OmegaConf.create(), start_step)]
     makers = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
     return [makers[name](Path(root), cfg, start_step) for name in cfg.train.loggers]
 
