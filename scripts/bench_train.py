@@ -1,14 +1,18 @@
 """Speed and peak memory of DreamBooth training steps, through the real training code.
 
     python scripts/bench_train.py --base configs/dreambooth/v1-finetune_unfrozen.yaml \
-        --size 512 --precision bf16 --grad_ckpt
-    python scripts/bench_train.py --matrix --size 512        # the main combinations, one per process
+        --size 512 --precision bf16 --profile lean
+    python scripts/bench_train.py --matrix --size 512        # the profiles, one process each
 
 Random full-size weights (no checkpoint needed), the bundled demo photos as instance images and
 copies of them as class images (batch B instance + B class, as with prior preservation). It runs
 `ldm.train.setup` and `ldm.train.loop.train_step` exactly as main.py does, times `--steps` steps
-after `--warmup`, and prints a markdown row: s/step, images/s through the UNet, and the peak memory
-of the timed steps (CUDA max allocated on a GPU; the process's peak RSS on the CPU).
+after `--warmup`, and prints a markdown row: s/step, images/s through the UNet, the peak memory
+of the timed steps (CUDA max allocated on a GPU; the process's peak RSS on the CPU) and the peak
+the run expected at start-up (ldm.train.memory.expected_peak). A switch flag overrides the
+profile's choice for that switch; without it the profile (`train.memory_profile`) decides.
+
+MATRIX below is the one list of the profiles that are benchmarked (the GPU check runs it).
 """
 
 import argparse
@@ -25,30 +29,28 @@ from ldm.train.config import load_config
 from ldm.train.distributed import DistEnv
 from ldm.train.logger import RunLogger, peak_memory_gb, reset_peak_memory
 from ldm.train.loop import train_step
+from ldm.train.memory import peak_bytes
 from ldm.train.setup import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "data" / "demo" / "dog"
 HEADER = (
-    "| config | size | batch | precision | trains | switches | s/step | images/s | peak GB |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "| config | size | batch | precision | trains | profile | switches | s/step | images/s "
+    "| peak GB | expected GB |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
-# (name, extra flags): (a) fastest and (b) leanest settings, with and without the text encoder.
+# (name, extra flags): the memory profiles (README, "Memory and speed"), UNet alone and with the
+# text encoder, beside the uncached fp32 baseline, a compiled fast run and the leanest settings
+# with fp32 AdamW state (the leanest profile before 8-bit state).
 MATRIX = [
     ("fp32 baseline", ["--precision", "32", "--no_cache"]),
-    ("bf16", ["--precision", "bf16"]),
-    ("bf16 fast", ["--precision", "bf16", "--channels_last", "--compile"]),
-    ("bf16 ckpt", ["--precision", "bf16", "--grad_ckpt"]),
-    ("bf16 lean", ["--precision", "bf16", "--grad_ckpt", "--fused_backward"]),
-    (
-        "bf16 lean 8-bit",
-        ["--precision", "bf16", "--grad_ckpt", "--fused_backward", "--optimizer", "adamw8bit"],
-    ),
-    ("bf16 +text fast", ["--precision", "bf16", "--text_encoder"]),
-    (
-        "bf16 +text lean",
-        ["--precision", "bf16", "--text_encoder", "--grad_ckpt", "--fused_backward"],
-    ),
+    ("fast", ["--profile", "fast"]),
+    ("fast compiled", ["--profile", "fast", "--channels_last", "--compile"]),
+    ("balanced", ["--profile", "balanced"]),
+    ("lean", ["--profile", "lean"]),
+    ("lean, fp32 AdamW", ["--profile", "lean", "--optimizer", "adamw"]),
+    ("+text fast", ["--profile", "fast", "--text_encoder"]),
+    ("+text balanced", ["--profile", "balanced", "--text_encoder"]),
+    ("+text lean", ["--profile", "lean", "--text_encoder"]),
 ]
 
 
@@ -64,10 +66,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--text_encoder", action="store_true", help="train the text encoder too")
+    p.add_argument("--profile", default="fast", help="train.memory_profile: fast, balanced, lean")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--no_cache", action="store_true", help="run the VAE every step")
     p.add_argument("--fused_backward", action="store_true", help="optimizer step inside backward")
-    p.add_argument("--optimizer", default="adamw", help="adamw or adamw8bit")
+    p.add_argument("--optimizer", default=None, help="adamw or adamw8bit (default: the profile's)")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--matrix", action="store_true", help="run the main combinations")
@@ -88,16 +91,16 @@ def overrides(args, data: Path) -> list[str]:
         f"train.batch_size={args.batch}",
         f"train.precision={args.precision}",
         f"train.trainable={trains}",
-        f"train.gradient_checkpointing={args.grad_ckpt}",
+        f"train.memory_profile={args.profile}",
         f"train.cache_latents={not args.no_cache}",
-        f"train.fused_backward={args.fused_backward}",
-        f"train.grad_clip={0 if args.fused_backward else 1.0}",
-        f"train.optimizer={args.optimizer}",
         f"train.channels_last={args.channels_last}",
         f"train.compile={args.compile}",
         "train.val_every=0",
         "train.sample.every=0",
         "train.log_every=1000000",
+        *(["train.gradient_checkpointing=true"] if args.grad_ckpt else []),
+        *(["train.fused_backward=true"] if args.fused_backward else []),
+        *([f"train.optimizer={args.optimizer}"] if args.optimizer else []),
     ]
 
 
@@ -126,15 +129,19 @@ def measure(args, extra: list[str]) -> dict:
         "s_per_step": seconds,
         "images_per_s": images / seconds,
         "peak_gb": peak_memory_gb(device),
+        "expected_gb": peak_bytes(session.expected_peak) / 2**30,
+        "switches": resolved_switches(cfg.train),
     }
 
 
-def switches(args) -> str:
-    names = ["grad_ckpt", "no_cache", "fused_backward", "channels_last", "compile"]
-    on = [n for n in names if getattr(args, n)]
-    if args.optimizer != "adamw":
-        on.append(args.optimizer)
-    return ", ".join(on) or "-"
+def resolved_switches(t) -> str:
+    """The switches the run used, after the profile and the flags."""
+    on = [t.optimizer]
+    names = ["gradient_checkpointing", "fused_backward", "offload_frozen", "channels_last"]
+    on += [n for n in names if t[n]]
+    on += ["no_cache"] if not t.cache_latents else []
+    on += ["compile"] if t.compile else []
+    return ", ".join(on)
 
 
 def row(args, result: dict) -> str:
@@ -142,8 +149,8 @@ def row(args, result: dict) -> str:
     name = args.name or Path(args.base).stem
     return (
         f"| {name} | {args.size} | {args.batch}+{args.batch} | {args.precision} | {trains} | "
-        f"{switches(args)} | {result['s_per_step']:.3f} | {result['images_per_s']:.2f} | "
-        f"{result['peak_gb']:.2f} |"
+        f"{args.profile} | {result['switches']} | {result['s_per_step']:.3f} | "
+        f"{result['images_per_s']:.2f} | {result['peak_gb']:.2f} | {result['expected_gb']:.2f} |"
     )
 
 
@@ -159,7 +166,8 @@ def run_matrix(argv: list[str]) -> int:
         else:
             reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
             print(
-                f"| {name} | - | - | - | - | {' '.join(flags)} | failed: {reason[:120]} | | |",
+                f"| {name} | - | - | - | - | - | {' '.join(flags)} | failed: {reason[:120]} "
+                "| | | |",
                 flush=True,
             )
     return 0

@@ -57,7 +57,9 @@ def micro_steps(ddp, model, batches, cond_of, scaler, cfg, env, kinds) -> tuple:
         t, noise = concat(batch, "t", kinds, env.device), concat(batch, "noise", kinds, env.device)
         last = micro == n - 1
         with ddp.no_sync() if env.is_distributed and not last else nullcontext():
-            with autocast(env.device, tc.precision):
+            # No cast cache: each weight is used once per forward, so it would save no cast
+            # while holding a half-precision copy of every trained weight until the forward ends.
+            with autocast(env.device, tc.precision, cache=False):
                 per_sample = ddp(z, cond_of(b), t, noise)
             instance = per_sample[:b].mean()
             prior = per_sample[b:].mean() if len(kinds) == 2 else torch.zeros_like(instance)
@@ -182,7 +184,8 @@ def periodic(cfg, env, run, session: Session, logger, stopping: bool) -> bool:
         return False
     new_best = False
     if session.validation is not None and (step % tc.val_every == 0 or final):
-        value = session.validation.loss(model, tc.precision)
+        with session.parking.unparked():
+            value = session.validation.loss(model, tc.precision)
         logger.scalar("val/loss", value, step)
         new_best = value < state.best_val
         state.best_val = min(value, state.best_val)
@@ -191,9 +194,10 @@ def periodic(cfg, env, run, session: Session, logger, stopping: bool) -> bool:
         if swap:
             ema.store(model.model.parameters())
             ema.copy_to(model.model)
-        grid = sample_grid(
-            model, tc.sample, cfg.data.token, cfg.data.class_word, cfg.data.size, tc.precision
-        )
+        with session.parking.unparked():
+            grid = sample_grid(
+                model, tc.sample, cfg.data.token, cfg.data.class_word, cfg.data.size, tc.precision
+            )
         if swap:
             ema.restore(model.model.parameters())
         save_image(grid, run.images / f"step={step:06d}.png")

@@ -20,6 +20,7 @@ from ldm.train.config import uses_prior
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import Validation
 from ldm.train.logger import RunLogger
+from ldm.train.memory import FrozenParking, describe_peak, expected_peak, parked_modules
 from ldm.train.optim import build_optimizer, build_scheduler, effective_lr
 from ldm.train.prior import missing_indices, sample_class_images
 from ldm.train.state import ema_entries, set_rng_state
@@ -188,9 +189,15 @@ def make_loader(cfg, env, model, dataset, cache, start_step: int) -> DataLoader:
     )
 
 
-def restore(resume: Resume, optimizer, scheduler, scaler, ema, text_ema) -> TrainState:
+def restore(resume: Resume, optimizer, scheduler, scaler, ema, text_ema, cfg) -> TrainState:
     """Put the optimizer, schedules, EMA and RNG back where the checkpoint left them."""
     extras = resume.extras
+    saved = extras["config"]["train"].get("optimizer") or "adamw"
+    if saved != cfg.train.optimizer:
+        raise TrainingError(
+            f"{resume.path}: its optimizer state is {saved}'s; resume with "
+            f"train.optimizer={saved} (the state of one does not convert to the other)"
+        )
     optimizer.load_state_dict(extras["optimizer"])
     scheduler.load_state_dict(extras["lr_scheduler"])
     scaler.load_state_dict(extras["scaler"])
@@ -220,6 +227,8 @@ class Session:
     validation: Validation | None
     frozen_state: dict
     state: TrainState
+    parking: FrozenParking  # the frozen modules kept off the device between uses
+    expected_peak: dict[str, int]  # bytes by part (ldm.train.memory.expected_peak, peak_bytes)
 
 
 def setup(
@@ -247,10 +256,15 @@ def setup(
     optimizer = build_optimizer(groups, tc, effective_lr(tc, env.world_size), env.device)
     scheduler = build_scheduler(optimizer, tc)
     scaler = torch.amp.GradScaler(env.device.type, enabled=str(tc.precision) == "16")
-    state = restore(resume, optimizer, scheduler, scaler, ema, text_ema) if resume else TrainState()
+    state = TrainState()
+    if resume:
+        state = restore(resume, optimizer, scheduler, scaler, ema, text_ema, cfg)
 
     if tc.fused_backward and env.is_distributed:
-        raise TrainingError("train.fused_backward is single-process: DDP must see whole gradients")
+        raise TrainingError(
+            "train.fused_backward is single-process (DDP must see whole gradients): "
+            "set train.fused_backward=false, or use memory_profile=fast"
+        )
     ddp = DreamBoothLoss(model)
     if tc.compile:
         model.model.diffusion_model.compile()
@@ -262,7 +276,13 @@ def setup(
             gradient_as_bucket_view=True,
         )
     batches = iter(make_loader(cfg, env, model, dataset, cache, state.step))
+    # Parked last: DDP's start-up broadcast and the caches above need the modules in place.
+    parked = parked_modules(model, tc, cache is not None)
+    peak = expected_peak(model, cfg, parked, tc.batch_size * len(kinds), env.device)
+    parking = FrozenParking(parked, env.device)
+    parking.park()
+    logger.message(describe_peak(peak, cfg, parked))
     return Session(
         model, ddp, optimizer, scheduler, scaler, trained_parameters(model), batches, cond_of,
-        kinds, ema, text_ema, validation, frozen_state, state,
+        kinds, ema, text_ema, validation, frozen_state, state, parking, peak,
     )  # fmt: skip
