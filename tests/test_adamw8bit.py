@@ -33,8 +33,8 @@ def unet_gradients(steps: int):
 
 def test_update_is_within_5_percent_of_fp32_adamw():
     """Both optimizers get the same gradients for 30 steps; each step's update (the change of
-    the weights) is compared over the 8-bit tensors. Measured: 1.0% at step 2, rising to 2.7% by
-    step 30. With v allowed to round to 0 (the zero-point failure) it is 20-2800%."""
+    the weights) is compared over the 8-bit tensors. Measured: 0.9% at step 2, at most 2.6% by
+    step 30."""
     unet, grads = unet_gradients(30)
     ref = [p.detach().clone().requires_grad_() for p in unet.parameters()]
     low = [p.detach().clone().requires_grad_() for p in unet.parameters()]
@@ -57,6 +57,20 @@ def test_update_is_within_5_percent_of_fp32_adamw():
     assert errors[0] < 1e-3  # step 1: m = g/10, v = g^2/1000 are stored, not yet used
     assert max(errors) < 0.05, errors
     assert max(errors) > 1e-3  # the moments really are rounded
+
+
+def test_a_tiny_gradient_beside_a_huge_one_makes_no_huge_step():
+    """The zero-point failure of 8-bit Adam: in a block whose largest v is 10^16 times the others,
+    those would round to 0, and once their gradient stops, m / (sqrt(v) + eps) would step them
+    by ~10^4 lr. Codes of v are at least 1, so every step stays within Adam's usual few lr."""
+    p = torch.nn.Parameter(torch.zeros(4096))
+    optimizer = AdamW8bit([p], **{**HYPER, "weight_decay": 0.0})
+    for step in range(3):
+        before = p.detach().clone()
+        p.grad = torch.full((4096,), 1e-2 if step == 0 else 0.0)
+        p.grad[::256] = 1e6  # one huge gradient per block of 256
+        optimizer.step()
+        assert (p.detach() - before).abs().max() < 5 * HYPER["lr"]
 
 
 def test_small_tensors_keep_float32_moments_and_match_adamw():

@@ -20,9 +20,12 @@ dequantised moments, exactly as `torch.optim.AdamW` (decoupled weight decay, bia
 only the new moments are rounded for storage. `tests/test_adamw8bit.py` bounds the difference from
 fp32 AdamW; the README gives the numbers and why this and not torchao's or bitsandbytes' version.
 
-The step gathers parameters into windows of at most `WINDOW` elements and runs a few dozen large
-element-wise kernels per window, not per tensor: the cost of a step does not grow with the number
-of tensors, and its scratch memory is bounded (about 9 float32 buffers of one window).
+The step gathers parameters into windows (`window_numel`) and runs a few dozen element-wise
+kernels per window, not per tensor: the cost of a step does not grow with the number of tensors,
+and its scratch memory is bounded (about 9 float32 buffers of one window). Windows are large on
+CUDA (few kernel launches) and cache-sized on the CPU, where each eager pass over a large window
+goes to memory: on the CPU machine a 2**23-element step took 0.36 s of CPU time in 2**23-element
+windows and 0.12 s in 2**18-element ones (fp32 fused AdamW: 0.011 s).
 """
 
 from collections import defaultdict
@@ -34,7 +37,8 @@ from ldm.checkpoint import CheckpointError
 
 BLOCK = 256
 MIN_NUMEL = 4096
-WINDOW = 2**23  # elements per step window: ~300 MB of fp32 scratch at most
+WINDOW = 2**23  # elements per step window on CUDA: ~300 MB of fp32 scratch at most
+CPU_WINDOW = 2**18  # on the CPU: a window's ~9 MB of buffers stay in cache
 QUANTISED_BYTES_PER_ELEMENT = 2 + 2 * 4 / BLOCK  # two codes + two float32 scales per block
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -50,6 +54,11 @@ def state_bytes(params) -> int:
         4 + (int(p.numel() * QUANTISED_BYTES_PER_ELEMENT) if quantised(p) else 8 * p.numel())
         for p in params
     )
+
+
+def window_numel(device: torch.device) -> int:
+    """Elements per step window on `device` (see the module docstring)."""
+    return WINDOW if device.type == "cuda" else min(WINDOW, CPU_WINDOW)
 
 
 def _block_max(x: torch.Tensor) -> torch.Tensor:
@@ -196,9 +205,10 @@ class AdamW8bit(torch.optim.Optimizer):
                 state["step"] += 1
                 by_step[float(state["step"])].append(p)
             for step, params in by_step.items():
+                limit = window_numel(params[0].device)
                 for quant in (True, False):
                     chosen = [p for p in params if quantised(p) == quant]
-                    for window in _windows(chosen, WINDOW):
+                    for window in _windows(chosen, limit):
                         self._step_window(window, group, step, quant)
         return loss
 

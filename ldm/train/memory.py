@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.train.adamw8bit import WINDOW, state_bytes
+from ldm.train.adamw8bit import state_bytes, window_numel
 from ldm.train.optim import FusedBackwardOptimizer
 from ldm.train.trainable import text_encoder_trains
 from ldm.util import instantiate_from_config, precision_dtype
@@ -147,7 +147,7 @@ def expected_peak(model, cfg, parked: list[nn.Module], batch: int, device) -> di
     scratch = 0
     if tc.optimizer == "adamw8bit":
         optimizer = state_bytes(trained)
-        scratch = 9 * 4 * min(n, WINDOW)  # float32 buffers of one window, during a step
+        scratch = 9 * 4 * min(n, window_numel(device))  # fp32 buffers of one window, in a step
     else:
         optimizer = 8 * n + 4 * len(trained)
     dtype = precision_dtype(tc.precision) or torch.float32
