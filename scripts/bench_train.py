@@ -47,7 +47,7 @@ MATRIX = [
     ("fast compiled", ["--profile", "fast", "--channels_last", "--compile"]),
     ("balanced", ["--profile", "balanced"]),
     ("lean", ["--profile", "lean"]),
-    ("lean, fp32 AdamW", ["--profile", "lean", "--optimizer", "adamw"]),
+    ("lean with fp32 AdamW", ["--profile", "lean", "--optimizer", "adamw"]),
     ("+text fast", ["--profile", "fast", "--text_encoder"]),
     ("+text balanced", ["--profile", "balanced", "--text_encoder"]),
     ("+text lean", ["--profile", "lean", "--text_encoder"]),
@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--matrix", action="store_true", help="run the main combinations")
+    p.add_argument("--rows", default="", help="with --matrix: only these rows (comma-separated)")
     p.add_argument("--name", default="", help="row label")
     return p.parse_known_args(argv)
 
@@ -156,15 +157,24 @@ def row(args, result: dict) -> str:
 
 def run_matrix(argv: list[str]) -> int:
     """Each combination in a fresh process, so peak memory is its own."""
+    args, _ = parse_args(argv)
     base = [a for a in argv if a != "--matrix"]
+    chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(chosen) - {name for name, _ in MATRIX}
+    if unknown:
+        raise SystemExit(f"--rows: no row named {', '.join(sorted(unknown))}")
     print(HEADER, flush=True)
     for name, flags in MATRIX:
+        if chosen and name not in chosen:
+            continue
         command = [sys.executable, __file__, *base, *flags, "--name", name]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode == 0:
             print(done.stdout.strip().splitlines()[-1], flush=True)
         else:
             reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
+            if done.returncode < 0:  # no traceback: SIGKILL is most often the OOM killer
+                reason = f"killed by signal {-done.returncode} (out of memory?)"
             print(
                 f"| {name} | - | - | - | - | - | {' '.join(flags)} | failed: {reason[:120]} "
                 "| | | |",
