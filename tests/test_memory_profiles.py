@@ -180,7 +180,7 @@ def test_start_up_line_states_the_expected_peak(tmp_path, class_root, capsys):
     assert session.expected_peak["optimizer state"] == held
 
 
-def test_bench_train_runs_the_profiles_and_reports_the_expected_peak(capsys, monkeypatch):
+def test_bench_train_runs_the_profiles_and_reports_the_expected_peak(capsys):
     bench = load_script("bench_train")
     assert [name for name, _ in bench.MATRIX if "lean" in name]
     tiny = ["--base", str(DEMO), "--size", "32", "--steps", "1", "--warmup", "1", "--device", "cpu"]
@@ -189,9 +189,9 @@ def test_bench_train_runs_the_profiles_and_reports_the_expected_peak(capsys, mon
     assert row[6].strip() == "lean"
     assert row[7].strip() == "adamw8bit, gradient_checkpointing, fused_backward, offload_frozen"
     assert float(row[10]) > 0 and float(row[11]) > 0  # measured and expected peak, GB
-    monkeypatch.setattr(bench, "MATRIX", [("fast", ["--profile", "fast"])])
-    assert bench.main(["--matrix", *tiny]) == 0
-    assert (
-        "| fast | 32 | 1+1 | bf16 | unet | fast | adamw, offload_frozen |"
-        in capsys.readouterr().out
-    )
+    assert bench.main(["--matrix", "--rows", "fast", *tiny]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert len(rows) == 1
+    assert rows[0].startswith("| fast | 32 | 1+1 | bf16 | unet | fast | adamw, offload_frozen |")
+    with pytest.raises(SystemExit, match="no row named nope"):
+        bench.main(["--matrix", "--rows", "fast,nope", *tiny])
