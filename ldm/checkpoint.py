@@ -5,10 +5,11 @@ meta device, `.ckpt` tensors are memory-mapped and become the parameters themsel
 `.safetensors` tensors are read one at a time straight into the parameter dtype.
 """
 
-import json
 import os
 import pickle
+import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ldm.checkpoint_rules import (  # CheckpointError is re-exported: import it from here
+    SAFETENSORS_DTYPES,
+    CheckpointError,
+    check_tensors,
+    check_torch_zip,
+    read_safetensors_header,
+)
 from ldm.util import instantiate_from_config
 
 # Keys that real checkpoints carry and current code does not store; dropped on load.
@@ -27,44 +35,20 @@ IGNORED_KEYS = frozenset(
     }
 )
 EMA_PREFIX = "model_ema."
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line naming the file."""
+class SaveError(RuntimeError):
+    """A file or folder that cannot be written (no space, no permission); one line naming it."""
 
 
 class SafetensorsFile(Mapping):
-    """Lazy read access to a .safetensors file: the header is parsed once, and each tensor is
-    read with plain file reads (no mmap, so nothing of the file stays resident)."""
+    """Lazy read access to a .safetensors file: the header is parsed and checked against the
+    format's rules once (ldm.checkpoint_rules), and each tensor is read with plain file reads
+    (no mmap, so nothing of the file stays resident)."""
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if header_len <= 0 or 8 + header_len > size:
-                raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
-            header = json.loads(f.read(header_len))
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.entries: dict = header
-        self.data_start = 8 + header_len
-        for key, entry in header.items():
-            if entry["dtype"] not in _SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype")
-            if self.data_start + entry["data_offsets"][1] > size:
-                raise CheckpointError(f"{path}: truncated (tensor {key!r} ends past the file)")
+        self.entries, self.metadata, self.data_start = read_safetensors_header(path)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.read(key)
@@ -81,7 +65,7 @@ class SafetensorsFile(Mapping):
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         entry = self.entries[key]
         begin, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
             n = f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -91,8 +75,12 @@ class SafetensorsFile(Mapping):
 
 
 def _load_pickle(path: Path, unsafe_load: bool) -> dict:
+    check_torch_zip(path)  # before torch.load inflates anything
+    # torch.save's zip format memory-maps; the legacy format (torch < 1.6, old SD tools) cannot,
+    # and is read into memory instead.
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=not unsafe_load)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=not unsafe_load)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0][:200]
         raise CheckpointError(
@@ -114,6 +102,7 @@ def read_checkpoint(path: str | os.PathLike, unsafe_load: bool = False) -> tuple
         st = SafetensorsFile(path)
         return st, dict(st.metadata)
     obj = _load_pickle(path, unsafe_load)
+    check_tensors(path, obj)  # here, so every reader (export.py included) is covered
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     if "state_dict" in obj:
@@ -231,11 +220,12 @@ def load_model(
     use_ema: bool = False,
     unsafe_load: bool = False,
 ) -> tuple[nn.Module, Mapping, dict]:
-    """Build a model from its config and load `ckpt` into it (strict; EMA weights if `use_ema`).
-    Returns the model, the checkpoint's lazy state dict and the file's other entries."""
+    """Build a model from its config and load `ckpt` into it (strict; EMA weights if `use_ema`;
+    `unsafe_load` allows arbitrary unpickling and any config target). Returns the model, the
+    checkpoint's lazy state dict and the file's other entries."""
     source, extras = read_checkpoint(ckpt, unsafe_load=unsafe_load)
     with empty_parameters():
-        model = instantiate_from_config(model_config)
+        model = instantiate_from_config(model_config, unsafe=unsafe_load)
     load_state_into(model, source, use_ema=use_ema, path=ckpt)
     return model, source, extras
 
@@ -250,11 +240,40 @@ def load_model_from_config(
     return load_model(config["model"], ckpt, use_ema=use_ema, unsafe_load=unsafe_load)[0]
 
 
-def _atomic_write(path: Path, write) -> None:
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) payload: about what torch.save writes. Each object is
+    counted once, as torch.save writes it once: a payload with shared parts (a loaded file's
+    may have them) is walked in time linear in its objects, not in its expanded tree."""
+    total, seen, stack = 0, set(), [obj]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.Tensor):
+            total += node.nbytes
+        elif isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return total
+
+
+def _atomic_write(path: Path, write, nbytes: int = 0) -> None:
     """`write(tmp_path)`, fsync, then rename over `path`: a crash never leaves a half-written
-    file in place of a good one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    file in place of a good one. With `nbytes`, a disk without room for them is an error before
+    anything is written (a full disk otherwise shows as torch's "unexpected pos")."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if nbytes and nbytes + 2**20 > free:
+            raise SaveError(
+                f"{path}: not enough disk space: it needs {nbytes / 1e9:.2f} GB, "
+                f"{free / 1e9:.2f} GB are free"
+            )
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SaveError(f"{path}: cannot be written ({e.strerror or e})") from None
     os.close(fd)
     try:
         write(tmp)
@@ -264,14 +283,29 @@ def _atomic_write(path: Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise SaveError(f"{path}: writing failed ({e.strerror or e})") from None
+    except RuntimeError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if "unexpected pos" not in str(e) and "write failed" not in str(e):
+            raise
+        # torch's zip writer says this when the disk fills up while it writes.
+        free = shutil.disk_usage(path.parent).free / 1e9
+        raise SaveError(f"{path}: writing failed, disk full? ({free:.2f} GB free)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
-    """torch.save, written atomically."""
-    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    """torch.save, written atomically, after checking that the disk has room for it."""
+    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp), tensor_bytes(payload))
+
+
+def save_text(text: str, path: str | os.PathLike) -> None:
+    """A text file, written atomically (a link planted at `path` is replaced, not followed)."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def save_safetensors(
@@ -280,3 +314,11 @@ def save_safetensors(
     """A .safetensors file, written atomically."""
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def half_precision(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A state-dict entry as a lean fp16 file stores it: weights in fp16; the schedule buffers
+    (top-level names) and the EMA decay stay as they are, since fp16 would shift the maths."""
+    if tensor.is_floating_point() and "." in key and key != f"{EMA_PREFIX}decay":
+        return tensor.half()
+    return tensor

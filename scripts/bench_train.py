@@ -3,6 +3,7 @@
     python scripts/bench_train.py --base configs/dreambooth/v1-finetune_unfrozen.yaml \
         --size 512 --precision bf16 --profile lean
     python scripts/bench_train.py --matrix --size 512        # the profiles, one process each
+    python scripts/bench_train.py --capture ...              # the step as a CUDA graph (unverified)
 
 Random full-size weights (no checkpoint needed), the bundled demo photos as instance images and
 copies of them as class images (batch B instance + B class, as with prior preservation). It runs
@@ -10,9 +11,11 @@ copies of them as class images (batch B instance + B class, as with prior preser
 after `--warmup`, and prints a markdown row: s/step, images/s through the UNet, the peak memory
 of the timed steps (CUDA max allocated on a GPU; the process's peak RSS on the CPU) and the peak
 the run expected at start-up (ldm.train.memory.expected_peak). A switch flag overrides the
-profile's choice for that switch; without it the profile (`train.memory_profile`) decides.
+profile's choice for that switch; without it the profile (`train.memory_profile`) decides. In the
+matrix each row that `train.capture` applies to is followed by its captured twin; where the
+captured step cannot run (no CUDA) the row says "capture off (why)" and times the eager step.
 
-MATRIX below is the one list of the profiles that are benchmarked (the GPU check runs it).
+MATRIX below is the one list of benchmarked settings (scripts/gpu_check.py runs it).
 """
 
 import argparse
@@ -25,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.train.config import load_config
+from ldm.train.captured import CapturedStep, capture_unavailable
+from ldm.train.config import PROFILES, load_config
 from ldm.train.distributed import DistEnv
 from ldm.train.logger import RunLogger, peak_memory_gb, reset_peak_memory
 from ldm.train.loop import train_step
@@ -38,19 +42,21 @@ HEADER = (
     "| config | size | batch | precision | trains | profile | switches | s/step | images/s "
     "| peak GB | expected GB |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
-# (name, extra flags): the memory profiles (README, "Memory and speed"), UNet alone and with the
-# text encoder, beside the uncached fp32 baseline, a compiled fast run and the leanest settings
-# with fp32 AdamW state (the leanest profile before 8-bit state).
+# (name, extra flags; the profile is fast unless --profile says otherwise): the memory profiles
+# (README, "Memory and speed"), UNet alone and with the text encoder, beside the uncached fp32
+# baseline, fp16, a compiled run, checkpointing alone and lean with fp32 AdamW state.
 MATRIX = [
     ("fp32 baseline", ["--precision", "32", "--no_cache"]),
-    ("fast", ["--profile", "fast"]),
-    ("fast compiled", ["--profile", "fast", "--channels_last", "--compile"]),
-    ("balanced", ["--profile", "balanced"]),
-    ("lean", ["--profile", "lean"]),
-    ("lean with fp32 AdamW", ["--profile", "lean", "--optimizer", "adamw"]),
-    ("+text fast", ["--profile", "fast", "--text_encoder"]),
-    ("+text balanced", ["--profile", "balanced", "--text_encoder"]),
-    ("+text lean", ["--profile", "lean", "--text_encoder"]),
+    ("bf16", ["--profile", "fast"]),
+    ("fp16", ["--precision", "16"]),
+    ("bf16 fast", ["--channels_last", "--compile"]),
+    ("bf16 ckpt", ["--grad_ckpt"]),
+    ("bf16 balanced", ["--profile", "balanced"]),
+    ("bf16 lean", ["--profile", "lean"]),
+    ("bf16 lean fp32-AdamW", ["--profile", "lean", "--optimizer", "adamw"]),
+    ("bf16 +text fast", ["--text_encoder"]),
+    ("bf16 +text balanced", ["--profile", "balanced", "--text_encoder"]),
+    ("bf16 +text lean", ["--profile", "lean", "--text_encoder"]),
 ]
 
 
@@ -73,6 +79,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--optimizer", default=None, help="adamw or adamw8bit (default: the profile's)")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument(
+        "--capture", action="store_true", help="the step as a CUDA graph (train.capture)"
+    )
     p.add_argument("--matrix", action="store_true", help="run the main combinations")
     p.add_argument("--rows", default="", help="with --matrix: only these rows (comma-separated)")
     p.add_argument("--name", default="", help="row label")
@@ -96,6 +105,7 @@ def overrides(args, data: Path) -> list[str]:
         f"train.cache_latents={not args.no_cache}",
         f"train.channels_last={args.channels_last}",
         f"train.compile={args.compile}",
+        f"train.capture={args.capture}",
         "train.val_every=0",
         "train.sample.every=0",
         "train.log_every=1000000",
@@ -116,7 +126,9 @@ def measure(args, extra: list[str]) -> dict:
         cfg = load_config([args.base], [*overrides(args, data), *extra])
         session = setup(cfg, env, None, False, RunLogger(None, 0, cfg.train.max_steps))
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        for _ in range(args.warmup):
+        # A captured step is recorded after its eager warm-up steps: all of that is warm-up here.
+        warmup = max(args.warmup, CapturedStep.WARMUP + 1) if session.captured else args.warmup
+        for _ in range(warmup):
             train_step(session, cfg, env)
         sync()
         reset_peak_memory(device)
@@ -131,18 +143,41 @@ def measure(args, extra: list[str]) -> dict:
         "images_per_s": images / seconds,
         "peak_gb": peak_memory_gb(device),
         "expected_gb": peak_bytes(session.expected_peak) / 2**30,
-        "switches": resolved_switches(cfg.train),
+        "switches": resolved_switches(
+            cfg.train, capture_unavailable(cfg, env) if args.capture else None
+        ),
     }
 
 
-def resolved_switches(t) -> str:
+def resolved_switches(t, eager_because: str | None) -> str:
     """The switches the run used, after the profile and the flags."""
     on = [t.optimizer]
     names = ["gradient_checkpointing", "fused_backward", "offload_frozen", "channels_last"]
     on += [n for n in names if t[n]]
     on += ["no_cache"] if not t.cache_latents else []
     on += ["compile"] if t.compile else []
+    if t.capture:  # the row must not pass an eager step off as captured
+        on.append(f"capture off ({eager_because})" if eager_because else "capture")
     return ", ".join(on)
+
+
+def capturable(flags: list[str]) -> bool:
+    """Whether a MATRIX row can run as a captured step (ldm.train.captured): AdamW stepped after
+    backward, by the flags and by the row's memory profile."""
+    profile = PROFILES[flags[flags.index("--profile") + 1] if "--profile" in flags else "fast"]
+    optimizer = flags[flags.index("--optimizer") + 1] if "--optimizer" in flags else None
+    fused = "--fused_backward" in flags or profile["fused_backward"]
+    return not fused and (optimizer or profile["optimizer"]) == "adamw"
+
+
+def matrix() -> list[tuple[str, list[str]]]:
+    """MATRIX, each profile that can be captured followed by its captured twin."""
+    rows = []
+    for name, flags in MATRIX:
+        rows.append((name, flags))
+        if capturable(flags):
+            rows.append((f"{name} captured", [*flags, "--capture"]))
+    return rows
 
 
 def row(args, result: dict) -> str:
@@ -160,11 +195,11 @@ def run_matrix(argv: list[str]) -> int:
     args, _ = parse_args(argv)
     base = [a for a in argv if a != "--matrix"]
     chosen = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = set(chosen) - {name for name, _ in MATRIX}
+    unknown = set(chosen) - {name for name, _ in matrix()}
     if unknown:
         raise SystemExit(f"--rows: no row named {', '.join(sorted(unknown))}")
     print(HEADER, flush=True)
-    for name, flags in MATRIX:
+    for name, flags in matrix():
         if chosen and name not in chosen:
             continue
         command = [sys.executable, __file__, *base, *flags, "--name", name]

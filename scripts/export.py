@@ -20,10 +20,13 @@ from ldm.checkpoint import (
     EMA_PREFIX,
     CheckpointError,
     ema_key,
+    half_precision,
     read_checkpoint,
     save_checkpoint,
     save_safetensors,
 )
+from ldm.config_files import config_from_data, read_config_file
+from ldm.util import check_targets
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--use_ema", action="store_true", help="the UNet's EMA weights")
     p.add_argument("--half", action="store_true", help="store fp16")
     p.add_argument("--config", default=None, help="config to embed (default: the checkpoint's)")
-    p.add_argument("--unsafe_load", action="store_true", help="allow arbitrary unpickling")
+    p.add_argument(
+        "--unsafe_load",
+        action="store_true",
+        help="trust the files: arbitrary unpickling, any config target",
+    )
     return p.parse_args(argv)
 
 
@@ -46,10 +53,7 @@ def lean_state(source, use_ema: bool, half: bool, path) -> dict[str, torch.Tenso
     for key in keys:
         take_ema = use_ema and key.startswith("model.diffusion_model.")
         tensor = source[ema_key(key) if take_ema else key]
-        # Schedule buffers (top-level names) stay fp32: fp16 would shift the sampling maths.
-        if half and tensor.is_floating_point() and "." in key:
-            tensor = tensor.half()
-        state[key] = tensor
+        state[key] = half_precision(key, tensor) if half else tensor
     return state
 
 
@@ -57,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         source, extras = read_checkpoint(args.ckpt, unsafe_load=args.unsafe_load)
-        config = OmegaConf.load(args.config) if args.config else extras.get("config")
-        if config is None:
+        if args.config:
+            config = read_config_file(args.config)
+        elif "config" in extras:
+            config = config_from_data(extras["config"], f"{args.ckpt}: config")
+        else:
             raise CheckpointError(f"{args.ckpt}: holds no config; pass --config")
-        config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+        check_targets(config, args.unsafe_load)  # not passed on to whoever loads the export
+        config = OmegaConf.to_container(config, resolve=True)
         state = lean_state(source, args.use_ema, args.half, args.ckpt)
         out = Path(args.out)
         if out.suffix == ".safetensors":

@@ -14,15 +14,15 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from torchvision.utils import make_grid
 from tqdm import tqdm, trange
 
 from ldm.checkpoint import load_model_from_config
-from ldm.sample import generate, prepare_for_sampling, seeded_noise, to_pil
-from ldm.util import default_precision
+from ldm.config_files import read_config_file
+from ldm.sample import generate, prepare_for_sampling, save_png, seeded_noise, to_pil
+from ldm.util import default_precision, size_multiple
 
 # The DDIM step noise (eta > 0) gets its own seed stream, apart from the start codes' seed + k.
 STEP_NOISE_SEED_OFFSET = 1 << 40
@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml")
     p.add_argument("--ckpt", required=True, help="a .ckpt or .safetensors in the SD layout")
     p.add_argument("--use_ema", action="store_true", help="take the model_ema.* UNet weights")
-    p.add_argument("--unsafe_load", action="store_true", help="allow arbitrary unpickling")
+    p.add_argument(
+        "--unsafe_load",
+        action="store_true",
+        help="trust the files: arbitrary unpickling, any config target",
+    )
     p.add_argument("--outdir", default="outputs/txt2img-samples")
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--ddim_eta", type=float, default=0.0)
@@ -60,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip_grid", action="store_true")
     p.add_argument("--skip_save", action="store_true", help="write the grid only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--capture", action="store_true", help="the guided UNet call as a CUDA graph (unverified)"
+    )
     opt = p.parse_args(argv)
     opt.n_rows = opt.n_rows or opt.n_samples
     opt.precision = opt.precision or default_precision(opt.device)
@@ -70,18 +77,17 @@ def load_config(path: str) -> DictConfig:
     """The `model` section of a YAML config; anything unusable is a ValueError naming the file."""
     if not Path(path).is_file():
         raise ValueError(f"--config {path}: no such file")
-    try:
-        return OmegaConf.load(path).model
-    except (yaml.YAMLError, OmegaConfBaseException) as e:
-        reason = str(e).strip().splitlines()[0]
-        raise ValueError(f"--config {path}: not a model config ({reason})") from None
+    config = read_config_file(path)  # bounded, no interpolations: ConfigError naming the file
+    if not isinstance(config.get("model"), DictConfig):
+        raise ValueError(f"--config {path}: not a model config (no 'model' section)")
+    return config.model
 
 
 def check_options(opt: argparse.Namespace, config: DictConfig) -> None:
     """Reject sizes and settings the model cannot run, before the (slow) load."""
     try:
         unet = config.params.unet_config.params
-        in_channels, unet_levels = unet.in_channels, len(unet.channel_mult)
+        in_channels, _ = unet.in_channels, unet.channel_mult
         vae_levels = len(config.params.first_stage_config.params.ddconfig.ch_mult)
     except OmegaConfBaseException as e:
         reason = str(e).strip().splitlines()[0]
@@ -92,8 +98,7 @@ def check_options(opt: argparse.Namespace, config: DictConfig) -> None:
         raise ValueError(f"--C {opt.C}: the config's UNet takes {in_channels} channels")
     if opt.f != 2 ** (vae_levels - 1):
         raise ValueError(f"--f {opt.f}: the config's VAE downsamples by {2 ** (vae_levels - 1)}")
-    # Each UNet level halves the latent, and its skip connections need the halves to be exact.
-    multiple = opt.f * 2 ** (unet_levels - 1)
+    multiple = size_multiple(config)
     for flag in ("H", "W"):
         size = getattr(opt, flag)
         if size <= 0 or size % multiple:
@@ -103,6 +108,11 @@ def check_options(opt: argparse.Namespace, config: DictConfig) -> None:
     for flag in ("n_iter", "n_samples", "ddim_steps"):
         if getattr(opt, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1")
+    timesteps = config.params.get("timesteps", 1000)
+    if opt.ddim_steps > timesteps:
+        raise ValueError(f"--ddim_steps {opt.ddim_steps}: the model has {timesteps} timesteps")
+    if Path(opt.outdir).exists() and not Path(opt.outdir).is_dir():
+        raise ValueError(f"--outdir {opt.outdir}: exists and is not a folder")
     device = torch.device(opt.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {opt.device}: CUDA is not available")
@@ -165,10 +175,11 @@ def sample_all(
                 precision=opt.precision,
                 generator=generator,
                 verbose=True,
+                capture=opt.capture,
             ).cpu()
             if not opt.skip_save:
                 for image in to_pil(images):
-                    image.save(sample_dir / f"{count:05}.png")
+                    save_png(image, sample_dir / f"{count:05}.png")
                     count += 1
             if not opt.skip_grid:
                 all_images.append(images)
@@ -180,7 +191,7 @@ def save_grid(all_images: list[torch.Tensor], opt: argparse.Namespace) -> None:
     outdir = Path(opt.outdir)
     number = next_index(outdir, r"grid-(\d+)\.png")
     grid = make_grid(torch.cat(all_images), nrow=opt.n_rows)  # nrow: images per row
-    to_pil(grid[None])[0].save(outdir / f"grid-{number:04}.png")
+    save_png(to_pil(grid[None])[0], outdir / f"grid-{number:04}.png")
 
 
 def main(argv: list[str] | None = None) -> int:

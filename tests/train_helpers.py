@@ -14,7 +14,7 @@ from ldm.util import instantiate_from_config
 
 from .conftest import ROOT
 
-DEMO = ROOT / "configs" / "dreambooth" / "demo.yaml"
+TINY = ROOT / "configs" / "dreambooth" / "tiny-random.yaml"
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
@@ -34,7 +34,7 @@ def small_overrides(class_root: Path, *extra: str) -> list[str]:
 
 
 def small_config(class_root: Path, *extra: str):
-    return load_config([DEMO], small_overrides(class_root, *extra))
+    return load_config([TINY], small_overrides(class_root, *extra))
 
 
 def base_checkpoint(path: Path, cfg) -> Path:
@@ -53,7 +53,7 @@ def base_checkpoint(path: Path, cfg) -> Path:
 def run(cfg, root: Path):
     """Train in-process on the CPU; returns (final state, run folder)."""
     folder = RunDir(root)
-    folder.create(cfg)
+    folder.create()
     return train(cfg, folder, CPU), folder
 
 

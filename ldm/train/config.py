@@ -12,11 +12,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.config_files import read_config_file
+from ldm.util import ConfigError, size_multiple
+
 TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one line."""
 
 
 @dataclass
@@ -31,6 +30,8 @@ class DataConfig:
     center_crop: bool = True
     flip_p: float = 0.5
     num_workers: int = 2
+    captions: bool = False  # each instance image's prompt from its .txt file (text-to-image)
+    caption_dropout: float = 0.0  # chance of training a prompt as "" (classifier-free guidance)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class SampleConfig:
     """Sample grids logged during training; prompts are templates with {token} and {class}."""
 
     every: int = 200  # 0 disables
+    at_start: bool = True  # also a grid of the starting weights (step 0), to compare with
     prompts: list[str] = field(
         default_factory=lambda: [
             "a photo of {token} {class}",
@@ -89,12 +91,17 @@ class TrainConfig:
     precision: str = "bf16"  # 32 | bf16 | 16 (fp16 with a GradScaler)
     trainable: list[str] = field(default_factory=lambda: ["unet"])
     prior_loss_weight: float = 1.0  # lambda; 0 turns prior preservation off
+    # "Offset noise": each latent channel's noise shifted by noise_offset * N(0, 1), so x_T's
+    # channel means stop telling the model the image's mean colour (0 = the paper's noise)
+    noise_offset: float = 0.0
     seed: int = 23
     log_every: int = 10
     val_every: int = 100  # 0 disables validation (and best.ckpt)
     val_timesteps: int = 8
     save_every: int = 500  # 0: only last.ckpt at the end
     keep_last: int = 2  # step-numbered checkpoints kept
+    lean_fp16: bool = True  # step-numbered and best checkpoints: weights in fp16 (else fp32)
+    full_state_steps: bool = False  # step-numbered checkpoints hold the optimizer state too
     max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -109,6 +116,7 @@ class TrainConfig:
     offload_frozen: bool | None = None  # park the cached-away VAE / text encoder (default on)
     channels_last: bool = False
     compile: bool = False
+    capture: bool = False  # CUDA graphs: step, class images, grids (unverified: captured.py)
 
 
 # What each memory profile sets (README, "Memory and speed"): fast holds fp32 AdamW state and all
@@ -139,13 +147,7 @@ def load_config(
     """Merge the schema defaults, the YAML files in order, flag values (dotted keys), then the
     `key.path=value` overrides; validate and return the resolved config."""
     configs = [OmegaConf.structured(RunSchema)]
-    for base in bases:
-        if not Path(base).is_file():
-            raise ConfigError(f"{base}: no such config file")
-        try:
-            configs.append(OmegaConf.load(base))
-        except (OmegaConfBaseException, ValueError) as e:
-            raise ConfigError(f"{base}: {_one_line(e)}") from None
+    configs += [read_config_file(base) for base in bases]  # bounded, no interpolations
     return merge_overrides(configs, overrides, flags)
 
 
@@ -153,13 +155,16 @@ def merge_overrides(
     configs: list, overrides: list[str] = (), flags: dict | None = None
 ) -> DictConfig:
     """Merge configs (the first carrying the schema) with flag values and dotlist overrides."""
-    flag_values = [f"{k}={v}" for k, v in (flags or {}).items() if v is not None]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
     try:
         cfg = OmegaConf.merge(*configs)
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([*flag_values, *overrides]))
+        # Flag values go in as they are: a dotlist would read `--class_word ''` as null.
+        for key, value in (flags or {}).items():
+            if value is not None:
+                OmegaConf.update(cfg, key, value, merge=True)
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {_one_line(e)}") from None
     if cfg.model is None:
@@ -180,22 +185,20 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.trainable: {list(t.trainable)} (choose from {TRAINABLE_PARTS})")
     if "text_encoder" in t.trainable and "token_embedding" in t.trainable:
         raise ConfigError("train.trainable: text_encoder already trains the token embedding")
-    checks = {
-        "train.precision": str(t.precision) in ("32", "bf16", "16"),
-        "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
-        "train.optimizer": t.optimizer in ("adamw", "adamw8bit"),
-        "train.max_steps": t.max_steps > 0,
-        "train.batch_size": t.batch_size > 0,
-        "train.accumulate_grad_batches": t.accumulate_grad_batches > 0,
-        "train.val_timesteps": t.val_timesteps > 0,
-        "train.ema.decay": 0.0 <= t.ema.decay <= 1.0,
-        "train.prior_loss_weight": t.prior_loss_weight >= 0,
-        "data.flip_p": 0.0 <= cfg.data.flip_p <= 1.0,
-    }
-    wrong = [name for name, ok in checks.items() if not ok]
+    wrong = [name for name, ok in value_checks(cfg).items() if not ok]
     if wrong:
         values = ", ".join(f"{name}={OmegaConf.select(cfg, name)!r}" for name in wrong)
         raise ConfigError(f"config: invalid value {values}")
+    check_model_section(cfg)
+    if "token_embedding" in t.trainable and not cfg.data.token.strip():
+        raise ConfigError(
+            "train.trainable=[token_embedding] trains the identifier: data.token is empty"
+        )
+    if "{token}" not in cfg.data.instance_template:
+        raise ConfigError(
+            f"data.instance_template {cfg.data.instance_template!r} has no {{token}}: the "
+            "identifier would never be in a prompt"
+        )
     if t.fused_backward and not fused_backward_possible(t):
         raise ConfigError(
             "train.fused_backward steps parameters as their gradients arrive: it needs "
@@ -224,6 +227,77 @@ def apply_memory_profile(t: DictConfig) -> None:
         t.grad_clip = 0.0 if t.fused_backward else 1.0  # clipping needs every gradient at once
     if t.offload_frozen is None:
         t.offload_frozen = True
+
+
+def value_checks(cfg: DictConfig) -> dict[str, bool]:
+    """Each key with a range its type does not express, and whether its value is in it."""
+    t, d, p = cfg.train, cfg.data, cfg.prior
+    timesteps = OmegaConf.select(cfg, "model.params.timesteps", default=1000)
+    return {
+        "train.precision": str(t.precision) in ("32", "bf16", "16"),
+        "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
+        "train.optimizer": t.optimizer in ("adamw", "adamw8bit"),
+        "train.max_steps": t.max_steps > 0,
+        "train.batch_size": t.batch_size > 0,
+        "train.accumulate_grad_batches": t.accumulate_grad_batches > 0,
+        "train.lr": t.lr > 0,
+        "train.betas": len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas),
+        "train.eps": t.eps > 0,  # 0 divides 0 by 0 where a row's gradient is masked
+        "train.weight_decay": t.weight_decay >= 0,
+        "train.warmup_steps": t.warmup_steps >= 0,
+        "train.min_lr_ratio": 0.0 <= t.min_lr_ratio <= 1.0,
+        "train.grad_clip": t.grad_clip >= 0,
+        "train.log_every": t.log_every > 0,
+        "train.val_every": t.val_every >= 0,
+        "train.val_timesteps": t.val_timesteps > 0,
+        "train.save_every": t.save_every >= 0,
+        "train.keep_last": t.keep_last >= 0,
+        "train.max_nonfinite_steps": t.max_nonfinite_steps > 0,
+        "train.ema.decay": 0.0 <= t.ema.decay <= 1.0,
+        "train.prior_loss_weight": t.prior_loss_weight >= 0,
+        "train.noise_offset": 0.0 <= t.noise_offset < 1.0,
+        "train.sample.every": t.sample.every >= 0,
+        "train.sample.n_per_prompt": t.sample.n_per_prompt > 0,
+        "train.sample.ddim_steps": 0 < t.sample.ddim_steps <= timesteps,
+        "data.size": d.size > 0,
+        "data.flip_p": 0.0 <= d.flip_p <= 1.0,
+        "data.caption_dropout": 0.0 <= d.caption_dropout < 1.0,
+        "data.num_workers": d.num_workers >= 0,
+        "prior.num_class_images": p.num_class_images >= 0,
+        "prior.batch_size": p.batch_size > 0,
+        "prior.ddim_steps": 0 < p.ddim_steps <= timesteps,
+    }
+
+
+# Keys of CompVis configs that drove its Lightning training and that nothing here reads, with
+# the key that does the job. Inference configs may keep them; a training config may not, or an
+# edit to them would silently do nothing.
+IGNORED_MODEL_KEYS = {
+    "model.base_learning_rate": "train.lr (and train.scale_lr)",
+    "model.params.cond_stage_trainable": "train.trainable",
+    "model.params.scheduler_config": "train.lr_schedule and train.warmup_steps",
+    "model.params.use_ema": "train.ema.enabled",
+    "model.params.monitor": "train.val_every (best.ckpt follows the validation loss)",
+    "model.params.first_stage_config.params.monitor": "nothing: the VAE never trains",
+    "model.params.unet_config.params.use_fp16": "train.precision",
+    "model.params.cond_stage_config.params.freeze": "train.trainable",
+}
+
+
+def check_model_section(cfg: DictConfig) -> None:
+    """No training knob in the model section that training ignores; a data.size the model takes."""
+    for key, instead in IGNORED_MODEL_KEYS.items():
+        if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            raise ConfigError(f"{key} is not read by training: remove it; {instead} does the job")
+    multiple = size_multiple(cfg.model)
+    if multiple and cfg.data.size % multiple:
+        raise ConfigError(
+            f"data.size={cfg.data.size}: this model takes image sides that are multiples of "
+            f"{multiple} (VAE factor x UNet levels)"
+        )
+
+
+_ABSENT = object()
 
 
 def uses_prior(cfg: DictConfig) -> bool:

@@ -6,17 +6,28 @@ import torch
 from torchvision.utils import make_grid
 
 from ldm.data.dreambooth import DreamBoothDataset, format_prompt
+from ldm.data.images import image_to_tensor, load_rgb, resize_crop
+from ldm.models.diffusion.captured import release_graphs
 from ldm.sample import generate, seeded_noise
 from ldm.util import autocast, keyed_seed
 
 
 class Validation:
-    """Mean diffusion loss of every instance image (center crop, no flip, posterior mean) at
+    """Mean diffusion loss of the instance images (center crop, no flip, posterior mean; at most
+    `MAX_IMAGES`, evenly spaced, for a large captioned set), each with its own prompt, at
     `num_timesteps` evenly spaced timesteps with noise fixed by (seed, image, timestep)."""
 
+    MAX_IMAGES = 32
+
     def __init__(self, model, dataset: DreamBoothDataset, num_timesteps: int, seed: int, device):
+        count = len(dataset.instance_paths)
+        images = torch.linspace(0, count - 1, min(count, self.MAX_IMAGES)).round().long().tolist()
+        # Center crops whatever the training crop is: the validation set must not move.
         pixels = torch.stack(
-            [dataset.instance_pixels(i, flip=False) for i in range(len(dataset.instance_paths))]
+            [
+                image_to_tensor(resize_crop(load_rgb(dataset.instance_paths[i]), dataset.size))
+                for i in images
+            ]
         )
         dtype = next(model.first_stage_model.parameters()).dtype
         with torch.no_grad():
@@ -37,26 +48,31 @@ class Validation:
                 for j in range(num_timesteps)
             ]
         ).to(device)
-        self.prompt = dataset.instance_prompt
+        prompts = [dataset.prompts[dataset.instance_prompt_ids[i]] for i in images]
+        tokens = model.cond_stage_model.tokenize(prompts)  # [N, 77]
+        self.tokens = tokens.repeat_interleave(num_timesteps, dim=0).to(device)
 
     @torch.no_grad()
     def loss(self, model, precision: str, batch_size: int = 8) -> float:
         total = 0.0
         with autocast(self.t.device, precision):
-            cond = model.get_learned_conditioning([self.prompt])
             for start in range(0, self.t.shape[0], batch_size):
                 part = slice(start, start + batch_size)
-                z = self.latents[part]
-                c = cond.expand(z.shape[0], -1, -1)
-                total += model.p_losses(z, c, self.t[part], noise=self.noise[part]).sum().item()
+                cond = model.get_learned_conditioning(self.tokens[part])
+                loss = model.p_losses(
+                    self.latents[part], cond, self.t[part], noise=self.noise[part]
+                )
+                total += loss.sum().item()
         return total / self.t.shape[0]
 
 
 @torch.no_grad()
 def sample_grid(
-    model, sample_cfg, token: str, class_word: str, size: int, precision: str
+    model, sample_cfg, token: str, class_word: str, size: int, precision: str, capture=False
 ) -> torch.Tensor:
-    """A grid [3, H, W] in [0, 1]: one row per prompt, `n_per_prompt` fixed seeds per row."""
+    """A grid [3, H, W] in [0, 1]: one row per prompt, `n_per_prompt` fixed seeds per row.
+    `capture`: DDIM replays a CUDA graph, freed after the grid (its memory is not held between
+    grids, and recording it again costs about one step)."""
     prompts = [format_prompt(p, token, class_word) for p in sample_cfg.prompts]
     n = sample_cfg.n_per_prompt
     seeds = [sample_cfg.seed + j for _ in prompts for j in range(n)]
@@ -68,5 +84,7 @@ def sample_grid(
         ddim_steps=sample_cfg.ddim_steps,
         scale=sample_cfg.scale,
         precision=precision,
+        capture=capture,
     )
+    release_graphs(model)
     return make_grid(images.cpu(), nrow=n)

@@ -2,6 +2,7 @@
 one row per optimizer step. Only rank 0 logs; the other ranks get a logger that does nothing."""
 
 import csv
+import io
 import resource
 import sys
 import time
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from ldm.checkpoint import save_text
+from ldm.util import open_append
 
 PER_STEP = ("step", "loss", "loss_instance", "loss_prior", "lr", "grad_norm", "skipped")
 
@@ -48,7 +52,9 @@ class RunLogger:
         # purge_step drops events a resumed run rewrites, so curves do not double back.
         self.writer = SummaryWriter(root / "tensorboard", purge_step=start_step + 1)
         new_file = not (root / "metrics.csv").exists()
-        self.csv_file = open(root / "metrics.csv", "a", newline="")
+        if not new_file:
+            _truncate_csv(root / "metrics.csv", start_step)
+        self.csv_file = open_append(root / "metrics.csv", newline="")
         self.csv = csv.writer(self.csv_file)
         if new_file:
             self.csv.writerow(PER_STEP)
@@ -106,6 +112,21 @@ class RunLogger:
                 self.bar.close()
             self.writer.close()
             self.csv_file.close()
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop the rows after `step`: a run resumed from an older checkpoint logs them again.
+    Rewritten through a fresh temporary file (save_text); a planted link is left to
+    open_append, which refuses it."""
+    if path.is_symlink():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
+    if len(kept) < len(rows):
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(kept)
+        save_text(text.getvalue(), path)
 
 
 def _to_host(pending: list[dict]) -> list[dict]:

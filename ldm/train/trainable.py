@@ -32,7 +32,11 @@ def configure_trainable(model, parts: list[str], token_ids: list[int]) -> list[d
     text = model.cond_stage_model
     if "text_encoder" in parts:
         text.requires_grad_(True).train()
-        groups.append({"name": "text_encoder", "params": list(text.parameters())})
+        # What the conditioning never uses stays frozen (no gradient; no optimizer state).
+        for p in text.unused_parameters():
+            p.requires_grad_(False)
+        used = [p for p in text.parameters() if p.requires_grad]
+        groups.append({"name": "text_encoder", "params": used})
     elif "token_embedding" in parts:
         weight = text.token_embedding.weight
         weight.requires_grad_(True)
