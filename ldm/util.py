@@ -145,11 +145,12 @@ def default_precision(device: torch.device | str) -> str:
     return "autocast" if torch.device(device).type == "cuda" else "full"
 
 
-def autocast(device: torch.device | str, precision: str | int):
-    """Mixed-precision context for `device`: autocast to fp16/bf16, or a no-op for "32"."""
+def autocast(device: torch.device | str, precision: str | int, cache: bool = True):
+    """Mixed-precision context for `device`: autocast to fp16/bf16, or a no-op for "32".
+    `cache`: keep the half-precision casts of weights for the whole region (torch's default)."""
     dtype = precision_dtype(precision)
     device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache)
 
 
 def keyed_seed(*parts) -> int:

@@ -39,7 +39,7 @@ import bench_train  # noqa: E402  (scripts/ is not a package)
 
 MARKER = "class images into"  # main.py's line when the class images are done
 # Errors that mean "this machine lacks an optional package", shown as such rather than as failures.
-ABSENT = {"diffusers is not installed": "no diffusers", "needs bitsandbytes": "no bitsandbytes"}
+ABSENT = {"diffusers is not installed": "no diffusers"}
 TINY_PROFILES = ("bf16", "bf16 +text lean")  # --tiny: the captured twin of bf16 only
 DIFFUSERS_TWIN = {"bf16": [], "bf16 ckpt": ["--grad_ckpt"], "bf16 +text fast": ["--text_encoder"]}
 

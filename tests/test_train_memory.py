@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from ldm.train.config import ConfigError
-from ldm.train.optim import build_optimizer
 
 from .conftest import build_tiny
 from .train_helpers import base_checkpoint, run, small_config, weights
@@ -64,11 +63,3 @@ def test_fused_backward_refuses_what_it_cannot_do(tmp_path):
     for extra in ("train.grad_clip=1.0", "train.accumulate_grad_batches=2", "train.precision=16"):
         with pytest.raises(ConfigError, match="fused_backward"):
             small_config(tmp_path, "train.fused_backward=true", "train.grad_clip=0", extra)
-
-
-def test_adamw8bit_without_bitsandbytes_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
-    cfg = small_config(tmp_path, "train.optimizer=adamw8bit")
-    param = torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(RuntimeError, match="pip install bitsandbytes"):
-        build_optimizer([{"params": [param]}], cfg.train, 1e-4, torch.device("cpu"))

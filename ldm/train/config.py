@@ -98,7 +98,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (after warm-up)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    grad_clip: float | None = None  # max global grad norm; 0 disables (default 1, 0 if fused)
     precision: str = "bf16"  # 32 | bf16 | 16 (fp16 with a GradScaler)
     trainable: list[str] = field(default_factory=lambda: ["unet"])
     prior_loss_weight: float = 1.0  # lambda; 0 turns prior preservation off
@@ -118,14 +118,28 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    gradient_checkpointing: bool = False
+    # fast | balanced | lean: the defaults of the switches below left unset (PROFILES); a
+    # switch set explicitly wins. The saved config holds the resolved values.
+    memory_profile: str = "fast"
+    gradient_checkpointing: bool | None = None
     cache_latents: bool = True  # encode images once (needs center_crop)
     cache_text: bool = True  # encode prompts once when the text encoder is frozen
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
-    fused_backward: bool = False  # optimizer step inside backward, per parameter
+    optimizer: str | None = None  # adamw | adamw8bit (8-bit moments, ldm/train/adamw8bit.py)
+    fused_backward: bool | None = None  # optimizer step inside backward, bucket by bucket
+    offload_frozen: bool | None = None  # park the cached-away VAE / text encoder (default on)
     channels_last: bool = False
     compile: bool = False
     capture: bool = False  # CUDA graphs: step, class images, grids (unverified: captured.py)
+
+
+# What each memory profile sets (README, "Memory and speed"): fast holds fp32 AdamW state and all
+# gradients; balanced holds 8-bit state and steps inside backward (so no full set of gradients,
+# and no global-norm clipping); lean also recomputes activations (gradient checkpointing).
+PROFILES = {
+    "fast": dict(gradient_checkpointing=False, optimizer="adamw", fused_backward=False),
+    "balanced": dict(gradient_checkpointing=False, optimizer="adamw8bit", fused_backward=True),
+    "lean": dict(gradient_checkpointing=True, optimizer="adamw8bit", fused_backward=True),
+}
 
 
 @dataclass
@@ -178,6 +192,7 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"config: no value for {', '.join(missing)} (set them with key=value)")
     t = cfg.train
+    apply_memory_profile(t)
     bad = [p for p in t.trainable if p not in TRAINABLE_PARTS]
     if bad or not t.trainable:
         raise ConfigError(f"train.trainable: {list(t.trainable)} (choose from {TRAINABLE_PARTS})")
@@ -199,13 +214,34 @@ def validate(cfg: DictConfig) -> None:
             f"data.instance_template {cfg.data.instance_template!r} has no {{token}}: the "
             "identifier would never be in a prompt"
         )
-    if t.fused_backward and (
-        t.accumulate_grad_batches > 1 or t.grad_clip > 0 or str(t.precision) == "16"
-    ):
+    if t.fused_backward and not fused_backward_possible(t):
         raise ConfigError(
-            "train.fused_backward steps each parameter as its gradient arrives: it needs "
+            "train.fused_backward steps parameters as their gradients arrive: it needs "
             "accumulate_grad_batches=1, grad_clip=0 and a precision other than 16"
         )
+
+
+def fused_backward_possible(t: DictConfig) -> bool:
+    return t.accumulate_grad_batches == 1 and not t.grad_clip and str(t.precision) != "16"
+
+
+def apply_memory_profile(t: DictConfig) -> None:
+    """Fill the switches left unset (None) from `train.memory_profile`."""
+    if t.memory_profile not in PROFILES:
+        raise ConfigError(
+            f"train.memory_profile: {t.memory_profile!r} (choose from {', '.join(PROFILES)})"
+        )
+    profile = PROFILES[t.memory_profile]
+    for key in ("gradient_checkpointing", "optimizer"):
+        if t[key] is None:
+            t[key] = profile[key]
+    if t.fused_backward is None:
+        # The profile's choice yields to what rules it out (an explicit grad_clip > 0, ...).
+        t.fused_backward = profile["fused_backward"] and fused_backward_possible(t)
+    if t.grad_clip is None:
+        t.grad_clip = 0.0 if t.fused_backward else 1.0  # clipping needs every gradient at once
+    if t.offload_frozen is None:
+        t.offload_frozen = True
 
 
 def value_checks(cfg: DictConfig) -> dict[str, bool]:

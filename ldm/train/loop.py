@@ -58,7 +58,9 @@ def micro_steps(ddp, model, batches, cond_of, scaler, cfg, env, kinds) -> tuple:
         cond = cond_of(concat(batch, "prompt", kinds, env.device))
         last = micro == n - 1
         with ddp.no_sync() if env.is_distributed and not last else nullcontext():
-            with autocast(env.device, tc.precision):
+            # No cast cache: each weight is used once per forward, so it would save no cast
+            # while holding a half-precision copy of every trained weight until the forward ends.
+            with autocast(env.device, tc.precision, cache=False):
                 per_sample = ddp(z, cond, t, noise)
             instance = per_sample[:b].mean()
             prior = per_sample[b:].mean() if len(kinds) == 2 else torch.zeros_like(instance)
@@ -204,7 +206,8 @@ def periodic(cfg, env, run, session: Session, logger, stopping: bool) -> bool:
         return False
     new_best = False
     if session.validation is not None and (step % tc.val_every == 0 or final):
-        value = session.validation.loss(model, tc.precision)
+        with session.parking.unparked():
+            value = session.validation.loss(model, tc.precision)
         logger.scalar("val/loss", value, step)
         new_best = value < state.best_val
         state.best_val = min(value, state.best_val)
@@ -220,10 +223,11 @@ def log_samples(cfg, run: RunDir, session: Session, logger: RunLogger) -> None:
     if swap:
         ema.store(model.model.parameters())
         ema.copy_to(model.model)
-    grid = sample_grid(
-        model, tc.sample, cfg.data.token, cfg.data.class_word, cfg.data.size, tc.precision,
-        capture=tc.capture,
-    )  # fmt: skip
+    with session.parking.unparked():
+        grid = sample_grid(
+            model, tc.sample, cfg.data.token, cfg.data.class_word, cfg.data.size, tc.precision,
+            capture=tc.capture,
+        )  # fmt: skip
     if swap:
         ema.restore(model.model.parameters())
     save_png(to_pil(grid[None])[0], run.images / f"step={step:06d}.png")

@@ -22,6 +22,7 @@ from ldm.train.config import ConfigError, uses_prior
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import Validation
 from ldm.train.logger import RunLogger
+from ldm.train.memory import FrozenParking, describe_peak, expected_peak, parked_modules
 from ldm.train.optim import build_optimizer, build_scheduler, effective_lr, set_schedule
 from ldm.train.prior import missing_indices, sample_class_images
 from ldm.train.state import ema_entries, is_lean, set_rng_state
@@ -307,6 +308,8 @@ class Session:
     validation: Validation | None
     frozen_state: dict
     state: TrainState
+    parking: FrozenParking  # the frozen modules kept off the device between uses
+    expected_peak: dict[str, int]  # bytes by part (ldm.train.memory.expected_peak, peak_bytes)
     captured: object = None  # ldm.train.captured.CapturedStep when train.capture applies
 
 
@@ -344,7 +347,10 @@ def setup(
     state = restore(resume, cfg, env, parts, logger) if resume else TrainState()
 
     if tc.fused_backward and env.is_distributed:
-        raise TrainingError("train.fused_backward is single-process: DDP must see whole gradients")
+        raise TrainingError(
+            "train.fused_backward is single-process (DDP must see whole gradients): "
+            "set train.fused_backward=false, or use memory_profile=fast"
+        )
     ddp = DreamBoothLoss(model)
     if tc.compile:
         model.model.diffusion_model.compile()
@@ -356,9 +362,15 @@ def setup(
             gradient_as_bucket_view=True,
         )
     batches = iter(make_loader(cfg, env, model, dataset, cache, state.step))
+    # Parked last: DDP's start-up broadcast and the caches above need the modules in place.
+    parked = parked_modules(model, tc, cache is not None)
+    peak = expected_peak(model, cfg, parked, tc.batch_size * len(kinds), env.device)
+    parking = FrozenParking(parked, env.device)
+    parking.park()
+    logger.message(describe_peak(peak, cfg, parked))
     session = Session(
         model, ddp, optimizer, scheduler, scaler, trained_parameters(model), batches, cond_of,
-        kinds, ema, text_ema, validation, frozen_state, state,
+        kinds, ema, text_ema, validation, frozen_state, state, parking, peak,
     )  # fmt: skip
     session.captured = captured_step(session, cfg, env, logger)
     return session
