@@ -45,7 +45,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming the file."""
 
 
-class SafetensorsFile(Mapping):
+class LazyTensors(Mapping):
+    """A state dict whose tensors are read one at a time, in the SD layout (a .safetensors file,
+    a diffusers folder): `shape` without reading, `read` into a dtype."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.read(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_model_config(self, model_config: Mapping) -> None:
+        """Raise CheckpointError when the source cannot be what `model_config` builds in ways
+        its keys and shapes do not show (a diffusers folder's configs); plain files cannot tell."""
+
+
+class SafetensorsFile(LazyTensors):
     """Lazy read access to a .safetensors file: the header is parsed once, and each tensor is
     read with plain file reads (no mmap, so nothing of the file stays resident)."""
 
@@ -65,9 +83,6 @@ class SafetensorsFile(Mapping):
                 raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype")
             if self.data_start + entry["data_offsets"][1] > size:
                 raise CheckpointError(f"{path}: truncated (tensor {key!r} ends past the file)")
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.read(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
@@ -106,8 +121,13 @@ def _load_pickle(path: Path, unsafe_load: bool) -> dict:
 
 def read_checkpoint(path: str | os.PathLike, unsafe_load: bool = False) -> tuple[Mapping, dict]:
     """(tensors, extras): the state dict as a lazy mapping, and everything else in the file
-    (`global_step`, training state, ...; for .safetensors the string metadata)."""
+    (`global_step`, training state, ...; for .safetensors the string metadata). A folder is read
+    as a diffusers model folder, in the SD layout."""
     path = Path(path)
+    if path.is_dir():
+        from ldm.formats.diffusers import DiffusersFolder  # it reads its files through this module
+
+        return DiffusersFolder(path, unsafe_load=unsafe_load), {}
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
@@ -173,7 +193,7 @@ def _source_keys(expected: Mapping, available: set[str], use_ema: bool, path) ->
 
 
 def _shape(source: Mapping, key: str) -> tuple[int, ...]:
-    return source.shape(key) if isinstance(source, SafetensorsFile) else tuple(source[key].shape)
+    return source.shape(key) if isinstance(source, LazyTensors) else tuple(source[key].shape)
 
 
 def load_state_into(
@@ -198,7 +218,7 @@ def load_state_into(
     state = {}
     for key, src in mapping.items():
         dtype = expected[key].dtype
-        if isinstance(source, SafetensorsFile):
+        if isinstance(source, LazyTensors):
             state[key] = source.read(src, dtype)
         else:
             state[key] = source[src].to(dtype)
@@ -234,6 +254,8 @@ def load_model(
     """Build a model from its config and load `ckpt` into it (strict; EMA weights if `use_ema`).
     Returns the model, the checkpoint's lazy state dict and the file's other entries."""
     source, extras = read_checkpoint(ckpt, unsafe_load=unsafe_load)
+    if isinstance(source, LazyTensors):
+        source.check_model_config(model_config)
     with empty_parameters():
         model = instantiate_from_config(model_config)
     load_state_into(model, source, use_ema=use_ema, path=ckpt)
