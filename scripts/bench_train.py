@@ -49,6 +49,8 @@ MATRIX = [
         "bf16 +text lean",
         ["--precision", "bf16", "--text_encoder", "--grad_ckpt", "--fused_backward"],
     ),
+    ("bf16 lora", ["--precision", "bf16", "--lora"]),
+    ("bf16 lora ckpt", ["--precision", "bf16", "--lora", "--grad_ckpt"]),
 ]
 
 
@@ -64,6 +66,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--text_encoder", action="store_true", help="train the text encoder too")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters (train.lora) instead")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--no_cache", action="store_true", help="run the VAE every step")
     p.add_argument("--fused_backward", action="store_true", help="optimizer step inside backward")
@@ -76,7 +79,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def overrides(args, data: Path) -> list[str]:
-    trains = "[unet,text_encoder]" if args.text_encoder else "[unet]"
+    parts = ["lora", "text_encoder_lora"] if args.lora else ["unet", "text_encoder"]
+    trains = f"[{','.join(parts if args.text_encoder else parts[:1])}]"
     return [
         f"data.instance_root={data / 'instance'}",
         f"data.class_root={data / 'class'}",
@@ -138,7 +142,7 @@ def switches(args) -> str:
 
 
 def row(args, result: dict) -> str:
-    trains = "unet+text" if args.text_encoder else "unet"
+    trains = ("lora " if args.lora else "") + ("unet+text" if args.text_encoder else "unet")
     name = args.name or Path(args.base).stem
     return (
         f"| {name} | {args.size} | {args.batch}+{args.batch} | {args.precision} | {trains} | "

@@ -12,7 +12,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding")
+TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding", "lora", "text_encoder_lora")
+# Layers LoRA may adapt: in the UNet's transformer blocks, and in the CLIP text encoder's layers.
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+)
+LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp.fc1", "mlp.fc2")
 
 
 class ConfigError(ValueError):
@@ -71,6 +83,22 @@ class EMAConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (`train.trainable: [lora]`, plus `text_encoder_lora` for the text
+    encoder). Defaults are diffusers' train_dreambooth_lora.py: rank 4, alpha = rank (scale 1),
+    no dropout, the UNet attention's q, k, v and output projections, and for the text encoder
+    its attention's (kohya's network_dim also defaults to 4; its alpha to 1)."""
+
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank, i.e. no scaling
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+
+
+@dataclass
 class TrainConfig:
     actual_resume: str | None = None  # base weights (--actual_resume)
     use_ema_weights: bool = False  # start from the base file's EMA weights
@@ -98,6 +126,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     gradient_checkpointing: bool = False
     cache_latents: bool = True  # encode images once (needs center_crop)
     cache_text: bool = True  # encode prompts once when the text encoder is frozen
@@ -165,6 +194,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.trainable: {list(t.trainable)} (choose from {TRAINABLE_PARTS})")
     if "text_encoder" in t.trainable and "token_embedding" in t.trainable:
         raise ConfigError("train.trainable: text_encoder already trains the token embedding")
+    validate_lora(cfg)
     checks = {
         "train.precision": str(t.precision) in ("32", "bf16", "16"),
         "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
@@ -187,6 +217,40 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             "train.fused_backward steps each parameter as its gradient arrives: it needs "
             "accumulate_grad_batches=1, grad_clip=0 and a precision other than 16"
+        )
+
+
+def validate_lora(cfg: DictConfig) -> None:
+    t = cfg.train
+    parts = set(t.trainable)
+    if not parts & {"lora", "text_encoder_lora"}:
+        return
+    if parts - {"lora", "text_encoder_lora"}:
+        raise ConfigError(
+            f"train.trainable: {list(t.trainable)}: LoRA trains adapters only; it does not "
+            "combine with unet, text_encoder or token_embedding"
+        )
+    lc = t.lora
+    wrong = {
+        "rank": lc.rank > 0,
+        "alpha": lc.alpha is None or lc.alpha > 0,
+        "dropout": 0.0 <= lc.dropout < 1.0,
+        "targets": bool(lc.targets) and set(lc.targets) <= set(LORA_TARGETS),
+        "text_encoder_targets": set(lc.text_encoder_targets) <= set(LORA_TEXT_TARGETS)
+        and (bool(lc.text_encoder_targets) or "text_encoder_lora" not in parts),
+    }
+    bad = [name for name, ok in wrong.items() if not ok]
+    if bad:
+        values = ", ".join(f"train.lora.{n}={OmegaConf.select(lc, n)!r}" for n in bad)
+        raise ConfigError(
+            f"config: invalid value {values} (targets from {LORA_TARGETS}, text encoder "
+            f"targets from {LORA_TEXT_TARGETS})"
+        )
+    cond = OmegaConf.select(cfg, "model.params.cond_stage_config.target", default="")
+    if "text_encoder_lora" in parts and not str(cond).endswith("FrozenCLIPEmbedder"):
+        raise ConfigError(
+            "train.trainable: text_encoder_lora needs the CLIP text encoder (SD v1); "
+            "OpenCLIP's fused attention (SD v2) has no separate q/k/v layers to adapt"
         )
 
 

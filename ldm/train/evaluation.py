@@ -2,12 +2,26 @@
 instance images (fixed timesteps, fixed noise) that picks `best.ckpt`, and sample grids for fixed
 prompts and seeds, so drift of the subject and of the class prior is visible over training."""
 
+from contextlib import contextmanager
+
 import torch
 from torchvision.utils import make_grid
 
 from ldm.data.dreambooth import DreamBoothDataset, format_prompt
 from ldm.sample import generate, seeded_noise
 from ldm.util import autocast, keyed_seed
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """The model in eval mode (LoRA's dropout off) for a measurement, then as it was."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.train(training)
 
 
 class Validation:
@@ -42,7 +56,7 @@ class Validation:
     @torch.no_grad()
     def loss(self, model, precision: str, batch_size: int = 8) -> float:
         total = 0.0
-        with autocast(self.t.device, precision):
+        with evaluating(model), autocast(self.t.device, precision):
             cond = model.get_learned_conditioning([self.prompt])
             for start in range(0, self.t.shape[0], batch_size):
                 part = slice(start, start + batch_size)
@@ -61,12 +75,13 @@ def sample_grid(
     n = sample_cfg.n_per_prompt
     seeds = [sample_cfg.seed + j for _ in prompts for j in range(n)]
     x_T = seeded_noise(seeds, model.latent_shape(size, size))
-    images = generate(
-        model,
-        [p for p in prompts for _ in range(n)],
-        x_T,
-        ddim_steps=sample_cfg.ddim_steps,
-        scale=sample_cfg.scale,
-        precision=precision,
-    )
+    with evaluating(model):
+        images = generate(
+            model,
+            [p for p in prompts for _ in range(n)],
+            x_T,
+            ddim_steps=sample_cfg.ddim_steps,
+            scale=sample_cfg.scale,
+            precision=precision,
+        )
     return make_grid(images.cpu(), nrow=n)

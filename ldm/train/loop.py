@@ -15,6 +15,7 @@ from ldm.train.batches import concat, latents_of
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import sample_grid
 from ldm.train.logger import RunLogger
+from ldm.train.lora import fold_into_checkpoint
 from ldm.train.optim import FusedBackwardOptimizer
 from ldm.train.setup import Resume, Session, TrainingError, TrainState, setup
 from ldm.train.state import RunDir, checkpoint_payload, save_step
@@ -164,6 +165,8 @@ def save_checkpoints(session: Session, cfg, run: RunDir, save: bool, best: bool)
         s.model, s.optimizer, s.scaler, s.scheduler, s.text_ema, cfg, s.state.step, asdict(s.state)
     )
     payload["state_dict"].update(s.frozen_state)  # the frozen weights as loaded, bitwise
+    # A LoRA run: merged weights in the SD layout; adapters and original weights beside them.
+    payload["lora"] = fold_into_checkpoint(payload["state_dict"], s.model, s.ema, s.text_ema)
     if save:
         save_checkpoint(payload, run.last)
         save_step(run, payload, s.state.step, cfg.train.keep_last)

@@ -20,10 +20,12 @@ from ldm.train.config import uses_prior
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import Validation
 from ldm.train.logger import RunLogger
+from ldm.train.lora import load_adapters, resumed_weights
 from ldm.train.optim import build_optimizer, build_scheduler, effective_lr
 from ldm.train.prior import missing_indices, sample_class_images
 from ldm.train.state import ema_entries, set_rng_state
 from ldm.train.trainable import (
+    cast_frozen,
     configure_trainable,
     frozen_modules,
     identifier_token_ids,
@@ -76,7 +78,7 @@ def build_model(cfg, resume: Resume | None, unsafe_load: bool) -> nn.Module:
     if resume is not None:
         with empty_parameters():
             model = instantiate_from_config(cfg.model)
-        load_state_into(model, resume.source, path=resume.path)
+        load_state_into(model, resumed_weights(resume.source, resume.extras), path=resume.path)
         return model
     tc = cfg.train
     if tc.actual_resume is None:
@@ -144,10 +146,11 @@ def prepare(cfg, env: DistEnv, model: nn.Module, resume: Resume | None, logger: 
         distributed.barrier(env)
         if wrote:
             logger.message(f"sampled {wrote} class images into {dc.class_root} (rank {env.rank})")
-    groups = configure_trainable(model, tc.trainable, identifier_token_ids(model, dc.token))
+    token_ids = identifier_token_ids(model, dc.token)
+    groups = configure_trainable(model, tc.trainable, token_ids, tc.lora, tc.seed)
     dtype = precision_dtype(tc.precision)
     for module in frozen_modules(model, tc.trainable):
-        module.to(dtype or torch.float32)
+        cast_frozen(module, dtype or torch.float32)
     unet = model.model.diffusion_model
     # train.gradient_checkpointing decides, whatever the UNet config's use_checkpoint says.
     unet.set_gradient_checkpointing(tc.gradient_checkpointing)
@@ -188,17 +191,20 @@ def make_loader(cfg, env, model, dataset, cache, start_step: int) -> DataLoader:
     )
 
 
-def restore(resume: Resume, optimizer, scheduler, scaler, ema, text_ema) -> TrainState:
-    """Put the optimizer, schedules, EMA and RNG back where the checkpoint left them."""
+def restore(resume: Resume, model, optimizer, scheduler, scaler, ema, text_ema) -> TrainState:
+    """Put the adapters, optimizer, schedules and EMA back where the checkpoint left them (the
+    RNG comes last, in `setup`)."""
     extras = resume.extras
+    if extras.get("lora") is not None:
+        load_adapters(model, extras["lora"]["adapters"], resume.path)
     optimizer.load_state_dict(extras["optimizer"])
     scheduler.load_state_dict(extras["lr_scheduler"])
     scaler.load_state_dict(extras["scaler"])
     if ema is not None:
-        ema.load_state_dict(ema_entries(resume.source))
+        lora = extras.get("lora")
+        ema.load_state_dict(lora["unet_ema"] if lora else ema_entries(resume.source))
     if text_ema is not None:
         text_ema.load_state_dict(extras["text_encoder_ema"])
-    set_rng_state(extras["rng"])
     return TrainState(**extras["train_state"])
 
 
@@ -239,15 +245,19 @@ def setup(
         validation = Validation(model, dataset, tc.val_timesteps, tc.seed, env.device)
 
     ema = text_ema = None
-    if tc.ema.enabled and "unet" in tc.trainable:
-        model.model_ema = ema = LitEma(model.model, decay=tc.ema.decay)
+    if tc.ema.enabled and {"unet", "lora"} & set(tc.trainable):
+        ema = LitEma(model.model, decay=tc.ema.decay)
+        if "unet" in tc.trainable:  # the full-EMA layout (model_ema.*) of the SD state dict
+            model.model_ema = ema
     if tc.ema.enabled and text_encoder_trains(tc.trainable):
         text_ema = LitEma(model.cond_stage_model, decay=tc.ema.decay)
 
     optimizer = build_optimizer(groups, tc, effective_lr(tc, env.world_size), env.device)
     scheduler = build_scheduler(optimizer, tc)
     scaler = torch.amp.GradScaler(env.device.type, enabled=str(tc.precision) == "16")
-    state = restore(resume, optimizer, scheduler, scaler, ema, text_ema) if resume else TrainState()
+    state = TrainState()
+    if resume:
+        state = restore(resume, model, optimizer, scheduler, scaler, ema, text_ema)
 
     if tc.fused_backward and env.is_distributed:
         raise TrainingError("train.fused_backward is single-process: DDP must see whole gradients")
@@ -262,6 +272,9 @@ def setup(
             gradient_as_bucket_view=True,
         )
     batches = iter(make_loader(cfg, env, model, dataset, cache, state.step))
+    if resume:
+        # Last: starting the loader draws from the global RNG, which LoRA's dropout uses.
+        set_rng_state(resume.extras["rng"])
     return Session(
         model, ddp, optimizer, scheduler, scaler, trained_parameters(model), batches, cond_of,
         kinds, ema, text_ema, validation, frozen_state, state,
