@@ -11,19 +11,29 @@ them as `key.path=value`. `--gpus 0,1` runs one process per GPU through torchrun
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import CheckpointError, read_checkpoint
-from ldm.data.images import check_image_folder, list_images
+from ldm.checkpoint import CheckpointError, SaveError, read_checkpoint
+from ldm.data.images import DataError, check_image_folder, list_images
 from ldm.train import distributed
 from ldm.train.config import ConfigError, RunSchema, load_config, merge_overrides, to_yaml
 from ldm.train.loop import train
-from ldm.train.setup import Resume, TrainingError
-from ldm.train.state import new_run_dir, run_dir_of
+from ldm.train.setup import Resume, Stopped, TrainingError
+from ldm.train.state import claim_run_dir, run_dir_of
+
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    DataError,
+    TrainingError,
+    SaveError,
+    torch.cuda.OutOfMemoryError,
+)
 
 
 def str2bool(value: str) -> bool:
@@ -97,15 +107,13 @@ def resolve(args, overrides: list[str]):
         if not args.base:
             raise ConfigError("pass a config with -b/--base (or resume a run with -r)")
         cfg = load_config(args.base, overrides, flag_values(args))
-        return cfg, new_run_dir(args.logdir, args.name or Path(args.base[0]).stem), None
+        return cfg, None, None
     if args.base:
         raise ConfigError("-r resumes with the run's own config; change settings with key=value")
     run, ckpt = run_dir_of(args.resume)
     source, extras = read_checkpoint(ckpt, unsafe_load=args.unsafe_load)
-    if "config" not in extras or "optimizer" not in extras:
-        raise CheckpointError(
-            f"{ckpt}: not a training checkpoint of this codebase (no config/optimizer)"
-        )
+    if "config" not in extras or "train_state" not in extras:
+        raise CheckpointError(f"{ckpt}: not a checkpoint of this codebase's training (no config)")
     configs = [OmegaConf.structured(RunSchema), OmegaConf.create(extras["config"])]
     cfg = merge_overrides(configs, overrides, flag_values(args))
     return cfg, run, Resume(str(ckpt), source, extras)
@@ -114,11 +122,16 @@ def resolve(args, overrides: list[str]):
 def check_data(cfg) -> None:
     """Fail before anything expensive: missing settings, unreadable or missing images."""
     dc = cfg.data
-    if dc.instance_root is None or dc.class_word is None:
-        raise ConfigError("training needs --data_root and --class_word (use '' for no class noun)")
+    if dc.instance_root is None:
+        raise ConfigError("training needs --data_root")
+    if dc.class_word is None and not dc.captions:
+        raise ConfigError("training needs --class_word (use '' for no class noun)")
     check_image_folder(dc.instance_root)
-    if dc.class_root is not None and Path(dc.class_root).is_dir() and list_images(dc.class_root):
-        check_image_folder(dc.class_root)
+    if dc.class_root is not None and Path(dc.class_root).exists():
+        if not Path(dc.class_root).is_dir():
+            raise DataError(dc.class_root, "not a folder (data.class_root / --reg_data_root)")
+        if list_images(dc.class_root):
+            check_image_folder(dc.class_root)
 
 
 def run(args, overrides: list[str]) -> int:
@@ -128,14 +141,31 @@ def run(args, overrides: list[str]) -> int:
         print("nothing to do: pass -t to train", file=sys.stderr)
         return 0
     check_data(cfg)
+    if resume is not None and resume.extras["global_step"] >= cfg.train.max_steps:
+        raise ConfigError(
+            f"train.max_steps={cfg.train.max_steps}: the checkpoint is at step "
+            f"{resume.extras['global_step']} already (resume with a larger train.max_steps)"
+        )
     env = distributed.setup(args.device)
     try:
-        if env.is_main:
-            run_dir.create(cfg)
-            print(f"run folder: {run_dir.root}", flush=True)
-        state = train(cfg, run_dir, env, resume, unsafe_load=args.unsafe_load)
+        if env.is_main and run_dir is None:
+            run_dir = claim_run_dir(args.logdir, args.name or Path(args.base[0]).stem)
+        run_dir = distributed.broadcast_object(run_dir, env)
+        try:
+            if env.is_main:
+                run_dir.create()
+                print(f"run folder: {run_dir.root}", flush=True)
+            state = train(cfg, run_dir, env, resume, unsafe_load=args.unsafe_load)
+        except BaseException:
+            # A new run that failed before its first checkpoint leaves no folder behind.
+            if env.is_main and resume is None and not run_dir.has_checkpoints():
+                shutil.rmtree(run_dir.root, ignore_errors=True)
+            raise
         if env.is_main:
             print(f"done at step {state.step}: {run_dir.last}", flush=True)
+    except Stopped as e:
+        if env.is_main:
+            print(e, flush=True)
     finally:
         distributed.teardown()
     return 0
@@ -158,14 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parser().parse_known_args(argv)
     try:
-        gpus = distributed.parse_gpus(args.gpus)
+        gpus = distributed.parse_gpus(args.gpus, args.device)
         if gpus and "WORLD_SIZE" not in os.environ:
             if len(gpus) > 1:
                 return distributed.launch_per_gpu(gpus, [__file__, *without_flag(argv, "--gpus")])
             os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])
         return run(args, overrides)
-    except (ValueError, TrainingError, torch.OutOfMemoryError) as e:
-        # ConfigError, CheckpointError and DataError are ValueErrors: bad input, one line.
+    except USER_ERRORS as e:  # bad input or an environment fault: one line; bugs keep tracebacks
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
 

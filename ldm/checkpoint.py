@@ -8,7 +8,9 @@ meta device, `.ckpt` tensors are memory-mapped and become the parameters themsel
 import json
 import os
 import pickle
+import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +45,10 @@ _SAFETENSORS_DTYPES = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming the file."""
+
+
+class SaveError(RuntimeError):
+    """A file or folder that cannot be written (no space, no permission); one line naming it."""
 
 
 class LazyTensors(Mapping):
@@ -106,8 +112,11 @@ class SafetensorsFile(LazyTensors):
 
 
 def _load_pickle(path: Path, unsafe_load: bool) -> dict:
+    # torch.save's zip format memory-maps; the legacy format (torch < 1.6, old SD tools) cannot,
+    # and is read into memory instead.
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=not unsafe_load)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=not unsafe_load)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0][:200]
         raise CheckpointError(
@@ -272,11 +281,32 @@ def load_model_from_config(
     return load_model(config["model"], ckpt, use_ema=use_ema, unsafe_load=unsafe_load)[0]
 
 
-def _atomic_write(path: Path, write) -> None:
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) payload: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _atomic_write(path: Path, write, nbytes: int = 0) -> None:
     """`write(tmp_path)`, fsync, then rename over `path`: a crash never leaves a half-written
-    file in place of a good one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    file in place of a good one. With `nbytes`, a disk without room for them is an error before
+    anything is written (a full disk otherwise shows as torch's "unexpected pos")."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if nbytes and nbytes + 2**20 > free:
+            raise SaveError(
+                f"{path}: not enough disk space: it needs {nbytes / 1e9:.2f} GB, "
+                f"{free / 1e9:.2f} GB are free"
+            )
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise SaveError(f"{path}: cannot be written ({e.strerror or e})") from None
     os.close(fd)
     try:
         write(tmp)
@@ -286,14 +316,29 @@ def _atomic_write(path: Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise SaveError(f"{path}: writing failed ({e.strerror or e})") from None
+    except RuntimeError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if "unexpected pos" not in str(e) and "write failed" not in str(e):
+            raise
+        # torch's zip writer says this when the disk fills up while it writes.
+        free = shutil.disk_usage(path.parent).free / 1e9
+        raise SaveError(f"{path}: writing failed, disk full? ({free:.2f} GB free)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
-    """torch.save, written atomically."""
-    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    """torch.save, written atomically, after checking that the disk has room for it."""
+    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp), tensor_bytes(payload))
+
+
+def save_text(text: str, path: str | os.PathLike) -> None:
+    """A text file, written atomically."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def save_safetensors(
@@ -302,3 +347,11 @@ def save_safetensors(
     """A .safetensors file, written atomically."""
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def half_precision(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A state-dict entry as a lean fp16 file stores it: weights in fp16; the schedule buffers
+    (top-level names) and the EMA decay stay as they are, since fp16 would shift the maths."""
+    if tensor.is_floating_point() and "." in key and key != f"{EMA_PREFIX}decay":
+        return tensor.half()
+    return tensor

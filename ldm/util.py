@@ -69,3 +69,16 @@ def keyed_seed(*parts) -> int:
     """A 63-bit seed from any tuple of ints and strings, stable across runs and machines."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def size_multiple(model_config: Mapping) -> int | None:
+    """Image sides a LatentDiffusion config can take are multiples of this: the VAE halves each
+    side per level after its first, then each UNet level after its first halves the latent again,
+    and the UNet's skip connections need exact halves. None if the config lacks that structure."""
+    try:
+        params = model_config["params"]
+        unet_levels = len(params["unet_config"]["params"]["channel_mult"])
+        vae_levels = len(params["first_stage_config"]["params"]["ddconfig"]["ch_mult"])
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return 2 ** (vae_levels - 1) * 2 ** (unet_levels - 1)

@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None, evaluator: Evaluator | None = None) -> i
     try:
         eval_opt = check_eval_flags(eval_flags)
         jobs = plan(opt, overrides)
-        gpus = parse_gpus(opt.gpus)
+        gpus = parse_gpus(opt.gpus, opt.device)
         # Before any training, so that a missing weight file fails now; with GPU workers (which
         # build their own) only as that check, on the CPU.
         device = "cpu" if gpus else (opt.device or eval_opt.device)

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None, evaluator: Evaluator | None = None) -> i
         return fail(e)
     try:
         _, markdown = evaluate(target, opt, evaluator)
-    except (ValueError, OSError, torch.OutOfMemoryError) as e:
+    except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
         return fail(e)
     print(markdown)
     print(f"\nwritten to {target.outdir}")

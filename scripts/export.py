@@ -11,12 +11,14 @@ run's adapters as a kohya/webui LoRA file.
         --lora mydog-lora.safetensors:0.8 --out merged.safetensors
 
 `sd` (the default) keeps the Stable Diffusion layout and nothing else (no optimizer, no EMA
-copies): with --use_ema the UNet weights are the `model_ema.*` ones. --half stores fp16 (the
-schedule buffers stay fp32). The run's config goes into the file: `config` in the .safetensors
-metadata (YAML) or in the .ckpt dict; a diffusers folder as --ckpt becomes a single SD file. `--lora file[:weight]` (repeatable) merges LoRA files in
-the kohya layout into the weights first (sd and diffusers). `diffusers` writes a folder that
-diffusers' StableDiffusionPipeline.from_pretrained loads offline. `kohya` writes the adapters of a
-LoRA run (`train.trainable: [lora]`), with kohya's ss_* metadata; --use_ema takes their EMA.
+copies): with --use_ema the UNet weights are the `model_ema.*` ones (for a LoRA run: the
+adapters' EMA merged into the original weights). --half stores fp16 (the schedule buffers stay
+fp32). The run's config goes into the file: `config` in the .safetensors metadata (YAML) or in
+the .ckpt dict; a diffusers folder as --ckpt becomes a single SD file. `--lora file[:weight]`
+(repeatable) merges LoRA files in the kohya layout into the weights first (sd and diffusers).
+`diffusers` writes a folder that diffusers' StableDiffusionPipeline.from_pretrained loads
+offline. `kohya` writes the adapters of a LoRA run (`train.trainable: [lora]`), with kohya's ss_*
+metadata; --use_ema takes their EMA.
 """
 
 import argparse
@@ -30,6 +32,7 @@ from ldm.checkpoint import (
     EMA_PREFIX,
     CheckpointError,
     ema_key,
+    half_precision,
     load_model,
     read_checkpoint,
     save_checkpoint,
@@ -41,6 +44,7 @@ from ldm.formats.diffusers_config import structure_of_config
 from ldm.formats.kohya import apply_lora_files, save_lora, training_metadata
 from ldm.formats.layout import Layout
 from ldm.modules.lora import adapters_of_state
+from ldm.train.lora import fold
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,19 +74,27 @@ def lean_state(source, use_ema: bool, path) -> dict[str, torch.Tensor]:
     return state
 
 
-def halved(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # Schedule buffers (top-level names) stay fp32: fp16 would shift the sampling maths.
-    return {k: v.half() if v.is_floating_point() and "." in k else v for k, v in state.items()}
-
-
-def export_sd(args, source, config: dict, out: Path) -> int:
-    if isinstance(source, DiffusersFolder):  # converted, checked strictly against the config
-        state = load_model(config["model"], args.ckpt, unsafe_load=args.unsafe_load)[0].state_dict()
+def weights(args, source, extras: dict, config: dict) -> dict[str, torch.Tensor]:
+    """The SD-layout weights to export, with the LoRA files of --lora merged in."""
+    lora = extras.get("lora")
+    if args.use_ema and lora is not None:  # a LoRA run: the adapters' EMA on the originals
+        if lora["ema"] is None:
+            raise CheckpointError(f"{args.ckpt}: has no EMA of its adapters (train.ema.enabled)")
+        state = {**lean_state(source, False, args.ckpt), **lora["base"]}
+        fold(state, {"adapters": lora["ema"]})
+    elif isinstance(source, DiffusersFolder) or args.format == "diffusers":
+        # Through the model: converted and checked strictly against the config.
+        model = load_model(config["model"], args.ckpt, args.use_ema, args.unsafe_load)[0]
+        state = model.state_dict()
     else:
         state = lean_state(source, args.use_ema, args.ckpt)
     apply_lora_files(state, config["model"], args.lora)
-    if args.half:
-        state = halved(state)
+    return state
+
+
+def export_sd(state: dict, config: dict, out: Path, half: bool) -> None:
+    if half:
+        state = {k: half_precision(k, v) for k, v in state.items()}
     if out.suffix == ".safetensors":
         metadata = {"format": "pt", "config": OmegaConf.to_yaml(OmegaConf.create(config))}
         save_safetensors(state, out, metadata=metadata)
@@ -90,15 +102,6 @@ def export_sd(args, source, config: dict, out: Path) -> int:
         save_checkpoint({"state_dict": state, "config": config}, out)
     else:
         raise ValueError(f"--out {out}: use a .safetensors or .ckpt name")
-    return len(state)
-
-
-def export_diffusers(args, config: dict, out: Path) -> int:
-    model, _, _ = load_model(config["model"], args.ckpt, args.use_ema, args.unsafe_load)
-    state = model.state_dict()
-    apply_lora_files(state, config["model"], args.lora)
-    write_diffusers_folder(state, config["model"], out, torch.float16 if args.half else None)
-    return len(state)
 
 
 def _count(folder) -> int:
@@ -133,10 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
         if args.format == "kohya":
             count = export_kohya(args, extras, config, out)
-        elif args.format == "diffusers":
-            count = export_diffusers(args, config, out)
         else:
-            count = export_sd(args, source, config, out)
+            state = weights(args, source, extras, config)
+            count = len(state)
+            if args.format == "diffusers":
+                dtype = torch.float16 if args.half else None
+                write_diffusers_folder(state, config["model"], out, dtype)
+            else:
+                export_sd(state, config, out, args.half)
     except ValueError as e:  # CheckpointError, FormatError
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.barrier(env)
         if env.is_main:
             print(f"{args.outdir}: {len(todo)} sampled ({wrote} by rank 0), {args.num} wanted")
-    except (ValueError, CheckpointError, torch.OutOfMemoryError) as e:
+    except (ValueError, CheckpointError, torch.cuda.OutOfMemoryError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     finally:

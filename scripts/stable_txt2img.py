@@ -23,7 +23,7 @@ from tqdm import tqdm, trange
 from ldm.checkpoint import load_model_from_config
 from ldm.formats.kohya import apply_lora_files
 from ldm.sample import generate, prepare_for_sampling, seeded_noise, to_pil
-from ldm.util import default_precision
+from ldm.util import default_precision, size_multiple
 
 # The DDIM step noise (eta > 0) gets its own seed stream, apart from the start codes' seed + k.
 STEP_NOISE_SEED_OFFSET = 1 << 40
@@ -93,7 +93,7 @@ def check_options(opt: argparse.Namespace, config: DictConfig) -> None:
     """Reject sizes and settings the model cannot run, before the (slow) load."""
     try:
         unet = config.params.unet_config.params
-        in_channels, unet_levels = unet.in_channels, len(unet.channel_mult)
+        in_channels, _ = unet.in_channels, unet.channel_mult
         vae_levels = len(config.params.first_stage_config.params.ddconfig.ch_mult)
     except OmegaConfBaseException as e:
         reason = str(e).strip().splitlines()[0]
@@ -104,8 +104,7 @@ def check_options(opt: argparse.Namespace, config: DictConfig) -> None:
         raise ValueError(f"--C {opt.C}: the config's UNet takes {in_channels} channels")
     if opt.f != 2 ** (vae_levels - 1):
         raise ValueError(f"--f {opt.f}: the config's VAE downsamples by {2 ** (vae_levels - 1)}")
-    # Each UNet level halves the latent, and its skip connections need the halves to be exact.
-    multiple = opt.f * 2 ** (unet_levels - 1)
+    multiple = size_multiple(config)
     for flag in ("H", "W"):
         size = getattr(opt, flag)
         if size <= 0 or size % multiple:
@@ -115,6 +114,11 @@ def check_options(opt: argparse.Namespace, config: DictConfig) -> None:
     for flag in ("n_iter", "n_samples", "ddim_steps"):
         if getattr(opt, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1")
+    timesteps = config.params.get("timesteps", 1000)
+    if opt.ddim_steps > timesteps:
+        raise ValueError(f"--ddim_steps {opt.ddim_steps}: the model has {timesteps} timesteps")
+    if Path(opt.outdir).exists() and not Path(opt.outdir).is_dir():
+        raise ValueError(f"--outdir {opt.outdir}: exists and is not a folder")
     device = torch.device(opt.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {opt.device}: CUDA is not available")

@@ -173,3 +173,21 @@ def test_failed_save_keeps_the_previous_file(tmp_path):
         save_checkpoint({"step": 2, "bad": lambda: None}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_legacy_non_zip_checkpoints_load(tmp_path, source_model):
+    """torch's pre-1.6 format (no zip, so no memory map): plain tensors load as they are, and an
+    old Lightning pickle with --unsafe_load, not "corrupt"."""
+    plain = tmp_path / "legacy.ckpt"
+    torch.save(
+        {"state_dict": real_layout(source_model)}, plain, _use_new_zipfile_serialization=False
+    )
+    model = load_model_from_config(tiny_config("v1"), plain)
+    assert torch.equal(_outputs(model)[1], _outputs(source_model)[1])
+    pickled = tmp_path / "legacy-lightning.ckpt"
+    obj = {"state_dict": real_layout(source_model), "callbacks": NotAWeight()}
+    torch.save(obj, pickled, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="refused: it needs arbitrary unpickling"):
+        load_model_from_config(tiny_config("v1"), pickled)
+    model = load_model_from_config(tiny_config("v1"), pickled, unsafe_load=True)
+    assert torch.equal(_outputs(model)[1], _outputs(source_model)[1])

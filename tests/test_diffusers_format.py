@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, load_model_from_config, save_checkpoint
+from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.sample import seeded_noise
 
 from .conftest import CONFIGS, build_tiny, load_script, tiny_config
@@ -87,6 +88,22 @@ def test_diffusers_pipeline_on_our_export_draws_our_image(version, tmp_path):
     # quantisation), so at most one level of 255.
     for a, b in zip(ours, theirs, strict=True):
         assert a.std() > 5 and np.abs(a.astype(int) - b).max() <= 1
+    # And the latents before decoding, in float32, which shows what one level of 255 can hide
+    # on random weights (DDIM timesteps off by one, say).
+    x_T = seeded_noise([seed], (4, 8, 8))
+    model = load_model_from_config(tiny_config(version), ckpt).eval()
+    with torch.no_grad():
+        z, _ = DDIMSampler(model).sample(
+            S=steps, batch_size=1, shape=(4, 8, 8),
+            conditioning=model.get_learned_conditioning([prompt]),
+            unconditional_conditioning=model.get_learned_conditioning([""]),
+            unconditional_guidance_scale=scale, x_T=x_T.clone(),
+        )  # fmt: skip
+        theirs_z = pipe(
+            [prompt], num_inference_steps=steps, guidance_scale=scale, latents=x_T.clone(),
+            height=64, width=64, output_type="latent",
+        ).images  # fmt: skip
+    assert (z - theirs_z).abs().max() < 1e-4 * z.abs().max()
 
 
 def test_main_actual_resume_takes_a_folder(folder):
@@ -96,7 +113,9 @@ def test_main_actual_resume_takes_a_folder(folder):
     version, source = folder
     if version == "v2":
         pytest.skip("the demo config is SD v1")
-    cfg = load_config([CONFIGS / "dreambooth" / "demo.yaml"], [f"train.actual_resume={source}"])
+    cfg = load_config(
+        [CONFIGS / "dreambooth" / "tiny-random.yaml"], [f"train.actual_resume={source}"]
+    )
     model = build_model(cfg, None, False)
     reference = load_model_from_config(tiny_config("v1"), source)
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())

@@ -55,12 +55,66 @@ def test_ddim_timesteps_are_compvis_uniform():
 
 def test_ddim_sigmas_follow_eta(tiny_v1):
     ac = tiny_v1.alphas_cumprod.double().numpy()
-    steps = make_ddim_timesteps(10, 1000)
+    # With every timestep a DDIM step and eta = 1, DDIM is DDPM: sigma^2 is the posterior
+    # variance beta_t (1 - abar_{t-1}) / (1 - abar_t) of Ho et al. (eq. 7), a buffer computed
+    # from the betas on its own.
+    steps = make_ddim_timesteps(1000, 1000)
     sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(ac, steps, eta=1.0)
-    assert alphas_prev[0] == ac[0] and np.allclose(alphas_prev[1:], ac[steps[:-1]])
-    expected = np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
-    assert np.allclose(sigmas, expected)
+    assert np.allclose(sigmas[1:] ** 2, tiny_v1.posterior_variance.double().numpy()[2:], rtol=1e-4)
+    half, _, _ = make_ddim_sampling_parameters(ac, steps, eta=0.5)
+    assert np.allclose(half, 0.5 * sigmas)
     assert np.all(make_ddim_sampling_parameters(ac, steps, eta=0.0)[0] == 0)
+    coarse = make_ddim_timesteps(10, 1000)
+    _, alphas, alphas_prev = make_ddim_sampling_parameters(ac, coarse, eta=1.0)
+    assert alphas_prev[0] == ac[0] and np.allclose(alphas_prev[1:], ac[coarse[:-1]])
+
+
+def _one_step(model, output, eta, index):
+    """One DDIM step from x at step `index` of a 10-step schedule, the network replaced by a
+    constant `output`; returns (x, t, noise the step drew, x_prev)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    sampler = DDIMSampler(model)
+    sampler.make_schedule(10, ddim_eta=eta)
+    t = torch.full((2,), int(sampler.ddim_timesteps[index]))
+    model.apply_model = lambda *args: output
+    try:
+        x_prev, _ = sampler.p_sample_ddim(
+            x, None, t, index, generator=torch.Generator().manual_seed(5)
+        )
+    finally:
+        del model.apply_model
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    return x.double(), t, noise.double(), x_prev.double()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_one_ddim_step_is_the_closed_form(tiny_v1, eta):
+    """Song et al. eq. 12 in float64: 10 steps are timesteps 1, 101, ..., 901 (c = 100)."""
+    e = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x, t, noise, x_prev = _one_step(tiny_v1, e, eta, index=4)
+    ac = tiny_v1.alphas_cumprod.double()
+    a, a_prev = ac[401], ac[301]
+    assert int(t[0]) == 401
+    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+    pred_x0 = (x - (1 - a).sqrt() * e.double()) / a.sqrt()
+    expected = a_prev.sqrt() * pred_x0 + (1 - a_prev - sigma**2).sqrt() * e.double()
+    expected = expected + sigma * noise
+    assert torch.allclose(x_prev, expected, atol=1e-5)
+
+
+def test_one_ddim_step_of_a_v_model_converts_v(tiny_v2):
+    """v-prediction: eps = sqrt(abar) v + sqrt(1 - abar) x, x0 = sqrt(abar) x - sqrt(1 - abar) v;
+    taking the output for eps (the eps branch) gives another step."""
+    v = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x, _, _, x_prev = _one_step(tiny_v2, v, 0.0, index=6)
+    ac = tiny_v2.alphas_cumprod.double()
+    a, a_prev = ac[601], ac[501]
+    v = v.double()
+    eps, x0 = a.sqrt() * v + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * v
+    assert torch.allclose(x_prev, a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, atol=1e-5)
+    as_eps = a_prev.sqrt() * (x - (1 - a).sqrt() * v) / a.sqrt() + (1 - a_prev).sqrt() * v
+    assert not torch.allclose(x_prev, as_eps, atol=1e-2)
 
 
 def test_timestep_embedding_is_cos_then_sin():
@@ -160,9 +214,3 @@ def test_guidance_is_one_batched_forward_with_the_cfg_formula(tiny_v1, tiny_v2):
                 del model.apply_model
         assert calls == [4]
         assert torch.allclose(guided, e_u + 6.0 * (e_c - e_u), atol=1e-4)
-
-
-def test_v_model_samples_through_the_v_branch(tiny_v2):
-    with torch.no_grad():
-        x = _sample(tiny_v2, 3.0)
-    assert torch.isfinite(x).all() and x.shape == (2, 4, 8, 8)

@@ -307,3 +307,13 @@ def test_unknown_architectures_and_overrides_are_errors():
         FrozenOpenCLIPEmbedder(text_config=dict(hidden_size=32))
     with pytest.raises(ValueError, match="layer_idx"):
         FrozenCLIPEmbedder(layer="hidden", text_config=TINY_V1)
+
+
+def test_what_the_conditioning_never_uses_is_listed_as_unused():
+    """SD v2 conditions on the penultimate block: the last block, the projection and the
+    temperature get no gradient, so training freezes them (DDP needs every trained parameter
+    to get one). Checked against the gradients themselves."""
+    for encoder in (tiny_v2(layer="penultimate"), tiny_v2(layer="last"), tiny_v1()):
+        encoder(["a photo of sks dog"]).square().mean().backward()
+        no_grad = {id(p) for p in encoder.parameters() if p.grad is None}
+        assert {id(p) for p in encoder.unused_parameters()} == no_grad

@@ -26,7 +26,7 @@ from scripts import ablate, evaluate
 
 from .conftest import ROOT
 from .test_eval_metrics import evaluator, tiny_clip_arch  # noqa: F401 (fixtures)
-from .train_helpers import DEMO, small_overrides
+from .train_helpers import TINY, small_overrides
 
 DOG_PHOTOS = ROOT / "data" / "demo" / "dog"
 # A run's evaluation at the smallest size: few prompts, images and steps.
@@ -116,7 +116,7 @@ def test_generation_writes_an_index_and_resumes(tmp_path, tiny_v1):
 def train_tiny_run(logdir: Path, class_root: Path) -> Path:
     """The demo config at 32 px, one step; returns the run folder."""
     overrides = small_overrides(class_root, "train.max_steps=1", "prior.num_class_images=1")
-    assert main.main(["-b", str(DEMO), "-t", "-l", str(logdir), *overrides]) == 0
+    assert main.main(["-b", str(TINY), "-t", "-l", str(logdir), *overrides]) == 0
     (run,) = logdir.iterdir()
     return run
 
@@ -173,7 +173,7 @@ def test_evaluate_end_to_end(tmp_path, evaluator, capsys, monkeypatch):  # noqa:
 def test_evaluate_names_a_missing_weight_file(tmp_path, capsys):
     ckpt = tmp_path / "run.ckpt"
     ckpt.write_bytes(b"")
-    argv = ["--ckpt", str(ckpt), "--config", str(DEMO), "--real_dir", str(DOG_PHOTOS)]
+    argv = ["--ckpt", str(ckpt), "--config", str(TINY), "--real_dir", str(DOG_PHOTOS)]
     argv += ["--class_word", "dog", "--dino_weights", str(tmp_path / "dino.pth")]
     assert evaluate.main(argv) == 1
     err = capsys.readouterr().err
@@ -191,7 +191,7 @@ def fake_dreambench(root: Path) -> Path:
 
 def test_ablate_end_to_end(tmp_path, evaluator, capsys, monkeypatch):  # noqa: F811
     out = tmp_path / "ablations"
-    argv = ["-b", str(DEMO), "--dreambench_root", str(fake_dreambench(tmp_path / "bench"))]
+    argv = ["-b", str(TINY), "--dreambench_root", str(fake_dreambench(tmp_path / "bench"))]
     argv += ["--subjects", "dog", "--variants", "prior,no_prior", "--out", str(out)]
     argv += ["--num_prompts", "1", "--n_samples", "1", "--n_class_images", "1"]
     argv += ["--ddim_steps", "2", "--device", "cpu"]
@@ -242,7 +242,7 @@ def test_ablate_end_to_end(tmp_path, evaluator, capsys, monkeypatch):  # noqa: F
 
 
 def test_ablation_plans_per_subject_class_nouns(tmp_path):
-    argv = ["-b", str(DEMO), "--dreambench_root", str(tmp_path), "--subjects", "x"]
+    argv = ["-b", str(TINY), "--dreambench_root", str(tmp_path), "--subjects", "x"]
     opt, _ = ablate.parser().parse_known_args([*argv, "--out", str(tmp_path / "out")])
     jobs = {
         (s, v): ablate.plan_job(s, v, opt, ["train.max_steps=5"])

@@ -7,12 +7,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm.checkpoint import save_checkpoint
+from ldm.checkpoint import read_checkpoint, save_checkpoint
 from ldm.formats.kohya import apply_lora_files
 
 from .conftest import CONFIGS, build_tiny, load_script, tiny_config
 
 txt2img = load_script("stable_txt2img")
+export = load_script("export")
 TINY_V1 = str(CONFIGS / "stable-diffusion" / "v1-tiny.yaml")
 U = "model.diffusion_model."
 
@@ -99,6 +100,23 @@ def test_kohya_file_merges_as_the_layout_says(files, tmp_path):
         files / "base.ckpt", tmp_path / "d", "--lora", f"{path}:0.3", "--lora", f"{path}:0.4"
     )
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(twice, expected, strict=True))
+
+
+def test_export_merges_lora_files_into_a_full_sd_file(files, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    path = str(files / "mydog.safetensors")
+    argv = ["--ckpt", str(files / "base.ckpt"), "--config", TINY_V1, "--out", str(out)]
+    assert export.main([*argv, "--lora", f"{path}:0.3", "--lora", f"{path}:0.4"]) == 0
+    merged, _ = read_checkpoint(out)
+    expected, _ = read_checkpoint(files / "expected.ckpt")
+    assert set(merged) == set(expected)
+    # 0.3 then 0.4 of the adapters is 0.7 of them, up to float32 rounding of the two sums
+    for key in expected:
+        assert torch.allclose(merged[key], expected[key], atol=1e-5), key
+    changed = {key for key, _, _ in V1_FILE.values()}
+    base, _ = read_checkpoint(files / "base.ckpt")
+    assert all(not torch.equal(merged[k], base[k]) for k in changed)
+    assert all(torch.equal(merged[k], base[k]) for k in base if k not in changed)
 
 
 def test_sd_v2_text_lora_lands_on_openclip_fused_qkv_rows(tmp_path):

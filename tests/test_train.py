@@ -7,10 +7,13 @@ from ldm.checkpoint import load_model_from_config
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.sample import generate, seeded_noise
 from ldm.train.batches import LatentCache, PositionDataset, latents_of, stack_batch
-from ldm.train.loop import micro_steps
-from ldm.train.setup import DreamBoothLoss, TrainingError, build_dataset, build_model
+from ldm.train.logger import RunLogger
+from ldm.train.loop import micro_steps, train_step
+from ldm.train.optim import effective_lr, lr_lambda
+from ldm.train.setup import DreamBoothLoss, TrainingError, build_dataset, build_model, setup
 from ldm.train.trainable import configure_trainable, identifier_token_ids
 
+from .conftest import tiny_config
 from .train_helpers import CPU, base_checkpoint, metrics, run, small_config, weights
 
 SKS = 48136
@@ -43,6 +46,7 @@ def test_prior_loss_is_instance_plus_lambda_prior_of_separate_computations(class
             ("t", torch.randint(0, 1000, (2,))),
             ("noise", torch.randn(2, 4, 4, 4)),
             ("eps", torch.randn(2, 4, 4, 4)),
+            ("prompt", torch.tensor([0, 1]) if k == "instance" else torch.tensor([2, 3])),
         )
     }
     cond = torch.randn(4, 77, 32)
@@ -51,7 +55,7 @@ def test_prior_loss_is_instance_plus_lambda_prior_of_separate_computations(class
         DreamBoothLoss(model),
         model,
         iter([batch]),
-        lambda b: cond,
+        lambda ids: cond[ids],
         scaler,
         cfg,
         CPU,
@@ -106,6 +110,8 @@ def test_only_what_trains_changes_and_frozen_tensors_are_bitwise_unchanged(
             continue  # trained: most of these move (zero-initialised layers may not in 2 steps)
         else:
             assert not moved, f"frozen {key} changed"
+    for part in changed:  # each trained part did move
+        assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith(part))
     if "model." in changed:
         assert not torch.equal(
             after["model.diffusion_model.out.2.weight"],
@@ -124,16 +130,22 @@ def test_fp16_skips_a_non_finite_step_and_counts_it(tmp_path, class_root, monkey
         return out * float("inf") if calls["n"] == 2 else out
 
     monkeypatch.setattr(DreamBoothLoss, "forward", poisoned)
-    state, folder = run(cfg, tmp_path)
-    rows = metrics(tmp_path)
-    assert [r["skipped"] for r in rows] == ["0", "1", "1"]
-    assert state.skipped_steps == 1
-    step1 = weights(folder.checkpoints / "step=000001.ckpt")
-    step2 = weights(folder.checkpoints / "step=000002.ckpt")
-    step3 = weights(folder.checkpoints / "step=000003.ckpt")
+    session = setup(cfg, CPU, None, False, RunLogger(None, 0, 3))
     key = "model.diffusion_model.out.2.weight"
-    assert torch.equal(step1[key], step2[key])  # the skipped step changed nothing
-    assert not torch.equal(step2[key], step3[key])
+    after = []
+    for _ in range(3):
+        train_step(session, cfg, CPU)
+        after.append(session.model.state_dict()[key].clone())
+    assert session.state.skipped_steps == 1
+    assert torch.equal(after[0], after[1])  # the skipped step changed nothing
+    assert not torch.equal(after[1], after[2])
+
+    calls["n"] = 0
+    state, folder = run(cfg, tmp_path)
+    assert [r["skipped"] for r in metrics(tmp_path)] == ["0", "1", "1"]
+    # Nothing is saved amid non-finite steps: step 2 waits for the next finite step.
+    names = sorted(p.name for p in folder.checkpoints.iterdir())
+    assert names == ["last.ckpt", "step=000001.ckpt", "step=000003.ckpt"]
 
 
 def test_a_run_that_stays_non_finite_stops_keeping_the_last_good_checkpoint(
@@ -151,12 +163,12 @@ def test_a_run_that_stays_non_finite_stops_keeping_the_last_good_checkpoint(
         return out * float("nan") if calls["n"] > 1 else out
 
     monkeypatch.setattr(DreamBoothLoss, "forward", poisoned)
-    with pytest.raises(TrainingError, match="non-finite for 2 consecutive steps.*last.ckpt"):
+    message = r"non-finite for 2 consecutive steps.*last good checkpoint is .*last.ckpt \(step 1\)"
+    with pytest.raises(TrainingError, match=message):
         run(cfg, tmp_path)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert (
-        last["global_step"] == 2
-    )  # saved after the first bad step, before the stop; finite weights
+    # Step 2 was non-finite: the save waited, so last.ckpt holds the last finite step.
+    assert last["global_step"] == 1 and last["train_state"]["nonfinite_run"] == 0
     assert all(
         torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
     )
@@ -222,3 +234,86 @@ def test_identifier_tokens():
     model = build_model(cfg, None, False)
     assert identifier_token_ids(model, "sks") == [SKS]
     assert len(identifier_token_ids(model, "zwx qrt")) >= 2
+
+
+def test_a_v_prediction_step_regresses_v(class_root):
+    cfg = small_config(class_root, "train.batch_size=2")
+    cfg.model = tiny_config("v2").model  # parameterization v
+    model = build_model(cfg, None, False)
+    configure_trainable(model, ["unet"], [SKS])
+    torch.manual_seed(0)
+    moments, eps = torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4)
+    t, noise = torch.tensor([100, 800]), torch.randn(2, 4, 4, 4)
+    batch = {"instance_moments": moments, "instance_t": t, "instance_noise": noise}
+    batch["instance_eps"], batch["instance_prompt"] = eps, torch.zeros(2, dtype=torch.long)
+    cond = model.get_learned_conditioning(["a photo of sks dog"] * 2).detach()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, _, _ = micro_steps(
+        DreamBoothLoss(model),
+        model,
+        iter([batch]),
+        lambda ids: cond,
+        scaler,
+        cfg,
+        CPU,
+        ("instance",),
+    )
+    z = model.scale_factor * DiagonalGaussianDistribution(moments).sample(noise=eps)
+    abar = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        out = model.apply_model(abar.sqrt() * z + (1 - abar).sqrt() * noise, t, cond)
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * z  # Salimans & Ho: the target of a v model
+    assert torch.allclose(loss, ((out - v) ** 2).mean(), rtol=1e-5)
+    assert not torch.allclose(loss, ((out - noise) ** 2).mean(), rtol=1e-2)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.parameters())
+
+
+def _session(cfg):
+    return setup(cfg, CPU, None, False, RunLogger(None, 0, cfg.train.max_steps))
+
+
+def test_accumulating_two_batches_of_one_gives_the_gradient_of_one_batch_of_two(
+    tmp_path, class_root
+):
+    base = base_checkpoint(tmp_path / "base.ckpt", small_config(class_root))
+    common = (f"train.actual_resume={base}", "train.grad_clip=0")
+    grads, losses = [], []
+    for batch, accumulate in ((2, 1), (1, 2)):
+        cfg = small_config(
+            class_root, *common, f"train.batch_size={batch}",
+            f"train.accumulate_grad_batches={accumulate}",
+        )  # fmt: skip
+        s = _session(cfg)
+        instance, prior, _ = micro_steps(
+            s.ddp, s.model, s.batches, s.cond_of, s.scaler, cfg, CPU, s.kinds
+        )
+        losses.append((float(instance), float(prior)))
+        grads.append([p.grad.clone() for p in s.params])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    scale = max(g.abs().max() for g in grads[0])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale) for a, b in zip(*grads))
+
+
+def test_warmup_then_cosine_schedule_and_scale_lr(class_root):
+    cfg = small_config(
+        class_root, "train.lr_schedule=cosine", "train.warmup_steps=4", "train.max_steps=10",
+        "train.min_lr_ratio=0.1", "train.lr=1e-3",
+    )  # fmt: skip
+    factor = lr_lambda(cfg.train)
+    # Linear warm-up to 1 in 4 steps, then half a cosine period from 1 down to 0.1 in 6 steps.
+    expected = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 7: 0.55, 10: 0.1}
+    assert {s: round(factor(s), 6) for s in expected} == expected
+    assert lr_lambda(small_config(class_root).train)(500) == 1.0  # constant by default
+    cfg.train.scale_lr = True
+    cfg.train.batch_size, cfg.train.accumulate_grad_batches = 3, 2
+    assert effective_lr(cfg.train, world_size=4) == pytest.approx(1e-3 * 4 * 3 * 2)
+    s = _session(cfg)
+    assert s.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 6 * 0.25)  # step 0
+
+
+def test_uncached_text_conditioning_is_the_cached_one(class_root):
+    sessions = [_session(small_config(class_root, f"train.cache_text={c}")) for c in (True, False)]
+    ids = torch.tensor([0, 1, 1, 2])  # prompts by id, as a batch of instance and class parts
+    cached, uncached = (s.cond_of(ids) for s in sessions)
+    assert cached.shape == (4, 77, 32) and torch.equal(cached, uncached)
+    assert not torch.equal(cached[0], cached[1]) and torch.equal(cached[1], cached[2])

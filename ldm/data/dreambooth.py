@@ -4,6 +4,11 @@ Each item pairs an instance image and its prompt ("a photo of sks dog") with, wh
 given, a class image and its prompt ("a photo of dog"). As in diffusers' train_dreambooth, the length
 is max(#instance, #class) and item i uses instance i % #instance and class i % #class.
 
+With `captions=True` each instance image has its own prompt, read from a caption file beside it
+(`00001.png` + `00001.txt`, kohya's convention): text-to-image training on a captioned set is
+DreamBooth without the identifier and the prior term, and the same loop does both. Prompts are kept
+once in `prompts`; images refer to them by index (`instance_prompt_ids`, `class_prompt_id`).
+
 Augmentation (flip, random crop) is drawn from a generator seeded by (seed, epoch, index), never from
 global RNG, so an item is a pure function of those three numbers: the same in every DataLoader worker
 and on every rank, and the same again after resuming. The order of items is the sampler's business.
@@ -21,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.images import DataError, check_image_folder, image_to_tensor, load_rgb, resize_crop
 
+CAPTION_EXTENSION = ".txt"
 DEFAULT_INSTANCE_TEMPLATE = "a photo of {token} {class}"
 DEFAULT_CLASS_TEMPLATE = "a photo of {class}"
 TEMPLATE_FIELDS = ("token", "class")
@@ -40,6 +46,18 @@ def format_prompt(template: str, token: str, class_word: str) -> str:
             raise DataError(f"prompt template {template!r}", reason)
     # Runs of spaces folded: an empty class noun (the no-class ablation) leaves no gap.
     return " ".join(template.format(token=token, **{"class": class_word}).split())
+
+
+def read_caption(image: Path) -> str:
+    """The caption of `image`: its `.txt` sidecar, whitespace folded to single spaces."""
+    path = image.with_suffix(CAPTION_EXTENSION)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(image, f"no caption file {path.name} (data.captions is on)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, exc) from exc
+    return " ".join(text.split())
 
 
 class ItemPlan(NamedTuple):
@@ -87,6 +105,7 @@ class DreamBoothDataset(Dataset):
         center_crop: bool = True,
         flip_p: float = 0.5,
         seed: int = 0,
+        captions: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
@@ -100,12 +119,28 @@ class DreamBoothDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         # Templates first: a typo there should not wait for a thousand class images to decode.
-        self.instance_prompt = format_prompt(instance_template, token, class_word)
+        self.instance_prompt = (
+            None if captions else format_prompt(instance_template, token, class_word)
+        )
         self.class_prompt = (
             None if class_root is None else format_prompt(class_template, token, class_word)
         )
         self.instance_paths = check_image_folder(instance_root)
         self.class_paths = [] if class_root is None else check_image_folder(class_root)
+        instance_prompts = (
+            [read_caption(p) for p in self.instance_paths]
+            if captions
+            else [self.instance_prompt] * len(self.instance_paths)
+        )
+        # The empty prompt is always in the table: caption dropout (classifier-free guidance
+        # training) replaces a prompt by it.
+        self.prompts: list[str] = list(
+            dict.fromkeys(["", *instance_prompts, self.class_prompt or ""])
+        )
+        row = {text: i for i, text in enumerate(self.prompts)}
+        self.instance_prompt_ids = [row[text] for text in instance_prompts]
+        self.class_prompt_id = row[self.class_prompt] if class_root is not None else None
+        self.empty_prompt_id = row[""]
 
     @property
     def with_prior(self) -> bool:
@@ -142,16 +177,24 @@ class DreamBoothDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         plan = self.plan(index)
-        instance_path = self.instance_paths[plan.instance_index]
+        pixels = self.pixels(plan)
         item: dict[str, torch.Tensor | str] = {
-            "instance_image": self._pixels(instance_path, plan.instance_flip, plan.instance_crop),
-            "instance_prompt": self.instance_prompt,
+            "instance_image": pixels["instance"],
+            "instance_prompt": self.prompts[self.instance_prompt_ids[plan.instance_index]],
         }
-        if plan.class_index is not None:
-            class_path = self.class_paths[plan.class_index]
-            item["class_image"] = self._pixels(class_path, plan.class_flip, plan.class_crop)
+        if "class" in pixels:
+            item["class_image"] = pixels["class"]
             item["class_prompt"] = self.class_prompt
         return item
+
+    def pixels(self, plan: ItemPlan) -> dict[str, torch.Tensor]:
+        """The decoded, cropped and flipped images of a plan: {"instance": ..., "class": ...}."""
+        instance_path = self.instance_paths[plan.instance_index]
+        out = {"instance": self._pixels(instance_path, plan.instance_flip, plan.instance_crop)}
+        if plan.class_index is not None:
+            class_path = self.class_paths[plan.class_index]
+            out["class"] = self._pixels(class_path, plan.class_flip, plan.class_crop)
+        return out
 
     def _pixels(self, path: Path, flip: bool, crop: tuple[float, float] | None) -> torch.Tensor:
         pixels = image_to_tensor(resize_crop(load_rgb(path), self.size, crop))

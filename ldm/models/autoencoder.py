@@ -1,5 +1,7 @@
 """AutoencoderKL: the f=8 VAE that maps images to Stable Diffusion's latent space."""
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -30,6 +32,14 @@ class AutoencoderKL(nn.Module):
             raise ValueError(
                 "AutoencoderKL(ckpt_path=...) is not supported: load weights with "
                 "ldm.checkpoint.load_model_from_config"
+            )
+        known = set(inspect.signature(Encoder).parameters) | set(
+            inspect.signature(Decoder).parameters
+        )
+        unknown = sorted(set(ddconfig) - known)
+        if unknown:
+            raise ValueError(
+                f"AutoencoderKL ddconfig: unknown keys {unknown} (known: {sorted(known)})"
             )
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (mean and log-variance)")

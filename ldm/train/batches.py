@@ -77,7 +77,7 @@ class LatentCache:
 
 class PositionDataset(Dataset):
     """Global position -> one training example: pixels (or cached VAE moments) of the instance and
-    class image, with each part's timestep `t`, noise and posterior noise `eps`."""
+    class image, with each part's timestep `t`, noise, posterior noise `eps` and `prompt` id."""
 
     def __init__(
         self,
@@ -86,8 +86,10 @@ class PositionDataset(Dataset):
         latent_shape: tuple[int, int, int],
         num_timesteps: int,
         cache: LatentCache | None = None,
+        caption_dropout: float = 0.0,
     ):
         self.dataset, self.seed, self.cache = dataset, seed, cache
+        self.caption_dropout = caption_dropout
         self.latent_shape, self.num_timesteps = latent_shape, num_timesteps
         self.kinds = KINDS if dataset.with_prior else KINDS[:1]
         self._order: tuple[int, list[int]] = (-1, [])
@@ -105,26 +107,38 @@ class PositionDataset(Dataset):
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         epoch, index = self._index(position)
         self.dataset.set_epoch(epoch)
+        plan = self.dataset.plan(index)
+        images = {"instance": (plan.instance_index, plan.instance_flip)}
+        if "class" in self.kinds:
+            images["class"] = (plan.class_index, plan.class_flip)
         item = {}
         if self.cache is None:
-            pixels = self.dataset[index]
-            for kind in self.kinds:
-                item[f"{kind}_pixels"] = pixels[f"{kind}_image"]
+            for kind, pixels in self.dataset.pixels(plan).items():
+                item[f"{kind}_pixels"] = pixels
         else:
-            plan = self.dataset.plan(index)
-            item["instance_moments"] = self.cache.moments(
-                "instance", plan.instance_index, plan.instance_flip
-            )
-            if "class" in self.kinds:
-                item["class_moments"] = self.cache.moments(
-                    "class", plan.class_index, plan.class_flip
-                )
-        for kind in self.kinds:
+            for kind, (image, flip) in images.items():
+                item[f"{kind}_moments"] = self.cache.moments(kind, image, flip)
+        for kind, (image, _) in images.items():
             generator = torch.Generator().manual_seed(keyed_seed(self.seed, position, kind))
             item[f"{kind}_t"] = torch.randint(0, self.num_timesteps, (), generator=generator)
             item[f"{kind}_noise"] = torch.randn(self.latent_shape, generator=generator)
             item[f"{kind}_eps"] = torch.randn(self.latent_shape, generator=generator)
+            item[f"{kind}_prompt"] = torch.tensor(self._prompt_id(kind, image, position))
         return item
+
+    def _prompt_id(self, kind: str, image: int, position: int) -> int:
+        """The example's prompt (an index into `dataset.prompts`), or the empty prompt with
+        probability `caption_dropout`, so the model also learns the unconditional prediction
+        that classifier-free guidance needs."""
+        d = self.dataset
+        prompt = d.instance_prompt_ids[image] if kind == "instance" else d.class_prompt_id
+        if self.caption_dropout > 0:
+            generator = torch.Generator().manual_seed(
+                keyed_seed(self.seed, position, kind, "caption")
+            )
+            if torch.rand((), generator=generator) < self.caption_dropout:
+                return d.empty_prompt_id
+        return prompt
 
 
 def stack_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

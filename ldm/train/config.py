@@ -12,6 +12,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.util import size_multiple
+
 TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding", "lora", "text_encoder_lora")
 # Layers LoRA may adapt: in the UNet's transformer blocks, and in the CLIP text encoder's layers.
 LORA_TARGETS = (
@@ -43,6 +45,8 @@ class DataConfig:
     center_crop: bool = True
     flip_p: float = 0.5
     num_workers: int = 2
+    captions: bool = False  # each instance image's prompt from its .txt file (text-to-image)
+    caption_dropout: float = 0.0  # chance of training a prompt as "" (classifier-free guidance)
 
 
 @dataclass
@@ -62,6 +66,7 @@ class SampleConfig:
     """Sample grids logged during training; prompts are templates with {token} and {class}."""
 
     every: int = 200  # 0 disables
+    at_start: bool = True  # also a grid of the starting weights (step 0), to compare with
     prompts: list[str] = field(
         default_factory=lambda: [
             "a photo of {token} {class}",
@@ -123,6 +128,8 @@ class TrainConfig:
     val_timesteps: int = 8
     save_every: int = 500  # 0: only last.ckpt at the end
     keep_last: int = 2  # step-numbered checkpoints kept
+    lean_fp16: bool = True  # step-numbered and best checkpoints: weights in fp16 (else fp32)
+    full_state_steps: bool = False  # step-numbered checkpoints hold the optimizer state too
     max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -168,13 +175,16 @@ def merge_overrides(
     configs: list, overrides: list[str] = (), flags: dict | None = None
 ) -> DictConfig:
     """Merge configs (the first carrying the schema) with flag values and dotlist overrides."""
-    flag_values = [f"{k}={v}" for k, v in (flags or {}).items() if v is not None]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
     try:
         cfg = OmegaConf.merge(*configs)
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([*flag_values, *overrides]))
+        # Flag values go in as they are: a dotlist would read `--class_word ''` as null.
+        for key, value in (flags or {}).items():
+            if value is not None:
+                OmegaConf.update(cfg, key, value, merge=True)
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {_one_line(e)}") from None
     if cfg.model is None:
@@ -194,23 +204,21 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.trainable: {list(t.trainable)} (choose from {TRAINABLE_PARTS})")
     if "text_encoder" in t.trainable and "token_embedding" in t.trainable:
         raise ConfigError("train.trainable: text_encoder already trains the token embedding")
-    validate_lora(cfg)
-    checks = {
-        "train.precision": str(t.precision) in ("32", "bf16", "16"),
-        "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
-        "train.optimizer": t.optimizer in ("adamw", "adamw8bit"),
-        "train.max_steps": t.max_steps > 0,
-        "train.batch_size": t.batch_size > 0,
-        "train.accumulate_grad_batches": t.accumulate_grad_batches > 0,
-        "train.val_timesteps": t.val_timesteps > 0,
-        "train.ema.decay": 0.0 <= t.ema.decay <= 1.0,
-        "train.prior_loss_weight": t.prior_loss_weight >= 0,
-        "data.flip_p": 0.0 <= cfg.data.flip_p <= 1.0,
-    }
-    wrong = [name for name, ok in checks.items() if not ok]
+    wrong = [name for name, ok in value_checks(cfg).items() if not ok]
     if wrong:
         values = ", ".join(f"{name}={OmegaConf.select(cfg, name)!r}" for name in wrong)
         raise ConfigError(f"config: invalid value {values}")
+    check_model_section(cfg)
+    validate_lora(cfg)
+    if "token_embedding" in t.trainable and not cfg.data.token.strip():
+        raise ConfigError(
+            "train.trainable=[token_embedding] trains the identifier: data.token is empty"
+        )
+    if "{token}" not in cfg.data.instance_template:
+        raise ConfigError(
+            f"data.instance_template {cfg.data.instance_template!r} has no {{token}}: the "
+            "identifier would never be in a prompt"
+        )
     if t.fused_backward and (
         t.accumulate_grad_batches > 1 or t.grad_clip > 0 or str(t.precision) == "16"
     ):
@@ -220,7 +228,81 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
+def value_checks(cfg: DictConfig) -> dict[str, bool]:
+    """Each key with a range its type does not express, and whether its value is in it."""
+    t, d, p = cfg.train, cfg.data, cfg.prior
+    timesteps = OmegaConf.select(cfg, "model.params.timesteps", default=1000)
+    return {
+        "train.precision": str(t.precision) in ("32", "bf16", "16"),
+        "train.lr_schedule": t.lr_schedule in ("constant", "cosine"),
+        "train.optimizer": t.optimizer in ("adamw", "adamw8bit"),
+        "train.max_steps": t.max_steps > 0,
+        "train.batch_size": t.batch_size > 0,
+        "train.accumulate_grad_batches": t.accumulate_grad_batches > 0,
+        "train.lr": t.lr > 0,
+        "train.betas": len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas),
+        "train.eps": t.eps > 0,  # 0 divides 0 by 0 where a row's gradient is masked
+        "train.weight_decay": t.weight_decay >= 0,
+        "train.warmup_steps": t.warmup_steps >= 0,
+        "train.min_lr_ratio": 0.0 <= t.min_lr_ratio <= 1.0,
+        "train.grad_clip": t.grad_clip >= 0,
+        "train.log_every": t.log_every > 0,
+        "train.val_every": t.val_every >= 0,
+        "train.val_timesteps": t.val_timesteps > 0,
+        "train.save_every": t.save_every >= 0,
+        "train.keep_last": t.keep_last >= 0,
+        "train.max_nonfinite_steps": t.max_nonfinite_steps > 0,
+        "train.ema.decay": 0.0 <= t.ema.decay <= 1.0,
+        "train.lora.rank": t.lora.rank > 0,
+        "train.lora.alpha": t.lora.alpha is None or t.lora.alpha > 0,
+        "train.lora.dropout": 0.0 <= t.lora.dropout < 1.0,
+        "train.prior_loss_weight": t.prior_loss_weight >= 0,
+        "train.sample.every": t.sample.every >= 0,
+        "train.sample.n_per_prompt": t.sample.n_per_prompt > 0,
+        "train.sample.ddim_steps": 0 < t.sample.ddim_steps <= timesteps,
+        "data.size": d.size > 0,
+        "data.flip_p": 0.0 <= d.flip_p <= 1.0,
+        "data.caption_dropout": 0.0 <= d.caption_dropout < 1.0,
+        "data.num_workers": d.num_workers >= 0,
+        "prior.num_class_images": p.num_class_images >= 0,
+        "prior.batch_size": p.batch_size > 0,
+        "prior.ddim_steps": 0 < p.ddim_steps <= timesteps,
+    }
+
+
+# Keys of CompVis configs that drove its Lightning training and that nothing here reads, with
+# the key that does the job. Inference configs may keep them; a training config may not, or an
+# edit to them would silently do nothing.
+IGNORED_MODEL_KEYS = {
+    "model.base_learning_rate": "train.lr (and train.scale_lr)",
+    "model.params.cond_stage_trainable": "train.trainable",
+    "model.params.scheduler_config": "train.lr_schedule and train.warmup_steps",
+    "model.params.use_ema": "train.ema.enabled",
+    "model.params.monitor": "train.val_every (best.ckpt follows the validation loss)",
+    "model.params.first_stage_config.params.monitor": "nothing: the VAE never trains",
+    "model.params.unet_config.params.use_fp16": "train.precision",
+    "model.params.cond_stage_config.params.freeze": "train.trainable",
+}
+
+
+def check_model_section(cfg: DictConfig) -> None:
+    """No training knob in the model section that training ignores; a data.size the model takes."""
+    for key, instead in IGNORED_MODEL_KEYS.items():
+        if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            raise ConfigError(f"{key} is not read by training: remove it; {instead} does the job")
+    multiple = size_multiple(cfg.model)
+    if multiple and cfg.data.size % multiple:
+        raise ConfigError(
+            f"data.size={cfg.data.size}: this model takes image sides that are multiples of "
+            f"{multiple} (VAE factor x UNet levels)"
+        )
+
+
+_ABSENT = object()
+
+
 def validate_lora(cfg: DictConfig) -> None:
+    """LoRA parts alone, adapting layers that exist in the model's encoders."""
     t = cfg.train
     parts = set(t.trainable)
     if not parts & {"lora", "text_encoder_lora"}:
@@ -231,21 +313,15 @@ def validate_lora(cfg: DictConfig) -> None:
             "combine with unet, text_encoder or token_embedding"
         )
     lc = t.lora
-    wrong = {
-        "rank": lc.rank > 0,
-        "alpha": lc.alpha is None or lc.alpha > 0,
-        "dropout": 0.0 <= lc.dropout < 1.0,
-        "targets": bool(lc.targets) and set(lc.targets) <= set(LORA_TARGETS),
-        "text_encoder_targets": set(lc.text_encoder_targets) <= set(LORA_TEXT_TARGETS)
-        and (bool(lc.text_encoder_targets) or "text_encoder_lora" not in parts),
-    }
-    bad = [name for name, ok in wrong.items() if not ok]
-    if bad:
-        values = ", ".join(f"train.lora.{n}={OmegaConf.select(lc, n)!r}" for n in bad)
-        raise ConfigError(
-            f"config: invalid value {values} (targets from {LORA_TARGETS}, text encoder "
-            f"targets from {LORA_TEXT_TARGETS})"
-        )
+    for key, targets, allowed, needed in (
+        ("targets", lc.targets, LORA_TARGETS, True),
+        ("text_encoder_targets", lc.text_encoder_targets, LORA_TEXT_TARGETS, False),
+    ):
+        needed = needed or "text_encoder_lora" in parts
+        if not set(targets) <= set(allowed) or (needed and not targets):
+            raise ConfigError(
+                f"config: invalid value train.lora.{key}={list(targets)!r} (choose from {allowed})"
+            )
     cond = OmegaConf.select(cfg, "model.params.cond_stage_config.target", default="")
     if "text_encoder_lora" in parts and not str(cond).endswith("FrozenCLIPEmbedder"):
         raise ConfigError(

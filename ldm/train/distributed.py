@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ldm.train.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -33,7 +35,16 @@ def setup(device: str | None = None) -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda":
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a device (cpu or cuda)") from None
+    if kind == "cuda" and local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {device}: CUDA device {local_rank} is not available "
+            f"({torch.cuda.device_count()} visible); use --device cpu"
+        )
+    if kind == "cuda":
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     env = DistEnv(rank, local_rank, world_size, torch.device(device))
@@ -63,6 +74,24 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(value.item())
 
 
+def gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not env.is_distributed:
+        return [obj]
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's `obj` on every rank."""
+    if not env.is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """Average a tensor across ranks (for logging)."""
     if not env.is_distributed:
@@ -86,13 +115,21 @@ def launch_per_gpu(gpus: list[int], argv: list[str]) -> int:
     return subprocess.call(command, env=environment)
 
 
-def parse_gpus(value: str | None) -> list[int]:
-    """ "0,1" -> [0, 1]; a trailing comma (Lightning style, "0,") is allowed."""
+def parse_gpus(value: str | None, device: str | None = None) -> list[int]:
+    """ "0,1" -> [0, 1]; a trailing comma (Lightning style, "0,") is allowed. The ids must be
+    visible CUDA devices, unless `--device cpu` asks for CPU processes (tests, debugging)."""
     if not value:
         return []
     try:
-        return [int(g) for g in value.split(",") if g.strip()]
+        gpus = [int(g) for g in value.split(",") if g.strip()]
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"--gpus: expected a comma-separated list of GPU ids, got {value!r}"
         ) from None
+    missing = [g for g in gpus if g < 0 or g >= torch.cuda.device_count()]
+    if missing and device != "cpu":
+        raise ConfigError(
+            f"--gpus {value}: no CUDA device {missing[0]} ({torch.cuda.device_count()} visible); "
+            "add --device cpu for CPU processes"
+        )
+    return gpus

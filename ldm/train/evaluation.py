@@ -8,6 +8,7 @@ import torch
 from torchvision.utils import make_grid
 
 from ldm.data.dreambooth import DreamBoothDataset, format_prompt
+from ldm.data.images import image_to_tensor, load_rgb, resize_crop
 from ldm.sample import generate, seeded_noise
 from ldm.util import autocast, keyed_seed
 
@@ -25,12 +26,21 @@ def evaluating(model: torch.nn.Module):
 
 
 class Validation:
-    """Mean diffusion loss of every instance image (center crop, no flip, posterior mean) at
+    """Mean diffusion loss of the instance images (center crop, no flip, posterior mean; at most
+    `MAX_IMAGES`, evenly spaced, for a large captioned set), each with its own prompt, at
     `num_timesteps` evenly spaced timesteps with noise fixed by (seed, image, timestep)."""
 
+    MAX_IMAGES = 32
+
     def __init__(self, model, dataset: DreamBoothDataset, num_timesteps: int, seed: int, device):
+        count = len(dataset.instance_paths)
+        images = torch.linspace(0, count - 1, min(count, self.MAX_IMAGES)).round().long().tolist()
+        # Center crops whatever the training crop is: the validation set must not move.
         pixels = torch.stack(
-            [dataset.instance_pixels(i, flip=False) for i in range(len(dataset.instance_paths))]
+            [
+                image_to_tensor(resize_crop(load_rgb(dataset.instance_paths[i]), dataset.size))
+                for i in images
+            ]
         )
         dtype = next(model.first_stage_model.parameters()).dtype
         with torch.no_grad():
@@ -51,18 +61,21 @@ class Validation:
                 for j in range(num_timesteps)
             ]
         ).to(device)
-        self.prompt = dataset.instance_prompt
+        prompts = [dataset.prompts[dataset.instance_prompt_ids[i]] for i in images]
+        tokens = model.cond_stage_model.tokenize(prompts)  # [N, 77]
+        self.tokens = tokens.repeat_interleave(num_timesteps, dim=0).to(device)
 
     @torch.no_grad()
     def loss(self, model, precision: str, batch_size: int = 8) -> float:
         total = 0.0
         with evaluating(model), autocast(self.t.device, precision):
-            cond = model.get_learned_conditioning([self.prompt])
             for start in range(0, self.t.shape[0], batch_size):
                 part = slice(start, start + batch_size)
-                z = self.latents[part]
-                c = cond.expand(z.shape[0], -1, -1)
-                total += model.p_losses(z, c, self.t[part], noise=self.noise[part]).sum().item()
+                cond = model.get_learned_conditioning(self.tokens[part])
+                loss = model.p_losses(
+                    self.latents[part], cond, self.t[part], noise=self.noise[part]
+                )
+                total += loss.sum().item()
         return total / self.t.shape[0]
 
 

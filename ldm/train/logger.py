@@ -2,6 +2,7 @@
 one row per optimizer step. Only rank 0 logs; the other ranks get a logger that does nothing."""
 
 import csv
+import os
 import resource
 import sys
 import time
@@ -48,6 +49,8 @@ class RunLogger:
         # purge_step drops events a resumed run rewrites, so curves do not double back.
         self.writer = SummaryWriter(root / "tensorboard", purge_step=start_step + 1)
         new_file = not (root / "metrics.csv").exists()
+        if not new_file:
+            _truncate_csv(root / "metrics.csv", start_step)
         self.csv_file = open(root / "metrics.csv", "a", newline="")
         self.csv = csv.writer(self.csv_file)
         if new_file:
@@ -106,6 +109,18 @@ class RunLogger:
                 self.bar.close()
             self.writer.close()
             self.csv_file.close()
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop the rows after `step`: a run resumed from an older checkpoint logs them again."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
+    if len(kept) < len(rows):
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, path)
 
 
 def _to_host(pending: list[dict]) -> list[dict]:

@@ -4,21 +4,20 @@ step loop (lr, micro-steps with no_sync, unscale, clip, step, EMA, log, validate
 import math
 import signal
 from contextlib import nullcontext
-from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
 
-from ldm.checkpoint import save_checkpoint
 from ldm.train import distributed
 from ldm.train.batches import concat, latents_of
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import sample_grid
 from ldm.train.logger import RunLogger
-from ldm.train.lora import fold_into_checkpoint
 from ldm.train.optim import FusedBackwardOptimizer
+from ldm.train.saving import RunCheckpoints
 from ldm.train.setup import Resume, Session, TrainingError, TrainState, setup
-from ldm.train.state import RunDir, checkpoint_payload, save_step
+from ldm.train.state import RunDir, rng_state
 from ldm.util import autocast
 
 
@@ -56,10 +55,11 @@ def micro_steps(ddp, model, batches, cond_of, scaler, cfg, env, kinds) -> tuple:
         batch = next(batches)
         z = latents_of(model, batch, kinds, env.device)
         t, noise = concat(batch, "t", kinds, env.device), concat(batch, "noise", kinds, env.device)
+        cond = cond_of(concat(batch, "prompt", kinds, env.device))
         last = micro == n - 1
         with ddp.no_sync() if env.is_distributed and not last else nullcontext():
             with autocast(env.device, tc.precision):
-                per_sample = ddp(z, cond_of(b), t, noise)
+                per_sample = ddp(z, cond, t, noise)
             instance = per_sample[:b].mean()
             prior = per_sample[b:].mean() if len(kinds) == 2 else torch.zeros_like(instance)
             loss = instance + tc.prior_loss_weight * prior
@@ -129,54 +129,68 @@ def train(
     tc = cfg.train
     start = resume.extras["global_step"] if resume else 0
     logger = RunLogger(run.root if env.is_main else None, start, tc.max_steps)
-    stop = None
+    stop = StopSignal()  # from the start: a signal during set-up (class images) stops cleanly
     try:
-        session = setup(cfg, env, resume, unsafe_load, logger)
+        if env.is_main and (removed := run.remove_partial_files()):
+            logger.message(f"removed {len(removed)} unfinished checkpoint files: {removed}")
+        session = setup(cfg, env, resume, unsafe_load, logger, lambda: stop.received is not None)
+        if env.is_main:
+            run.write_config(cfg)
         state = session.state
-        stop = StopSignal()
+        saver = RunCheckpoints(
+            run, cfg, session.frozen_state, (Path(resume.path), start) if resume else None
+        )
+        postponed = False
+        if tc.sample.every and tc.sample.at_start and state.step == 0 and env.is_main:
+            log_samples(cfg, run, session, logger)  # the "before" grid
         while state.step < tc.max_steps:
             logger.step(train_step(session, cfg, env))
             if state.nonfinite_run >= tc.max_nonfinite_steps:
                 logger.flush(state.step, env.device)
-                raise TrainingError(
-                    f"loss or gradients non-finite for {state.nonfinite_run} consecutive steps "
-                    f"(step {state.step}); the last good checkpoint is {run.last}"
-                )
+                raise TrainingError(nonfinite_message(state, saver.good))
             stopping = stop.requested(env)
             new_best = periodic(cfg, env, run, session, logger, stopping)
             final = state.step == tc.max_steps or stopping
-            save = final or (tc.save_every and state.step % tc.save_every == 0)
-            if env.is_main and (save or new_best):
-                save_checkpoints(session, cfg, run, save, new_best)
+            numbered = not stopping and (
+                state.step == tc.max_steps
+                or bool(tc.save_every and state.step % tc.save_every == 0)
+            )
+            # Amid non-finite steps a save waits for a finite one (or the end), so that the
+            # newest checkpoint is a good one.
+            due = final or numbered or postponed
+            postponed = due and state.nonfinite_run > 0 and not final
+            save = due and not postponed
+            if new_best:
+                saver.new_best(session, saved_now=save)
+            if save:
+                rng = distributed.gather_objects(rng_state(), env)
+                if env.is_main:
+                    saver.save(session, numbered and state.nonfinite_run == 0, rng)
             if stopping:
                 logger.message(f"stop signal: saved {run.last} at step {state.step}")
                 break
     finally:
-        if stop is not None:
-            stop.close()
+        stop.close()
         logger.close()
     distributed.barrier(env)
     return state
 
 
-def save_checkpoints(session: Session, cfg, run: RunDir, save: bool, best: bool) -> None:
-    s = session
-    payload = checkpoint_payload(
-        s.model, s.optimizer, s.scaler, s.scheduler, s.text_ema, cfg, s.state.step, asdict(s.state)
+def nonfinite_message(state: TrainState, good: tuple | None) -> str:
+    where = (
+        f"the last good checkpoint is {good[0]} (step {good[1]})"
+        if good
+        else "no checkpoint was saved before it"
     )
-    payload["state_dict"].update(s.frozen_state)  # the frozen weights as loaded, bitwise
-    # A LoRA run: merged weights in the SD layout; adapters and original weights beside them.
-    payload["lora"] = fold_into_checkpoint(payload["state_dict"], s.model, s.ema, s.text_ema)
-    if save:
-        save_checkpoint(payload, run.last)
-        save_step(run, payload, s.state.step, cfg.train.keep_last)
-    if best:
-        save_checkpoint(payload, run.best)
+    return (
+        f"loss or gradients non-finite for {state.nonfinite_run} consecutive steps "
+        f"(step {state.step}); {where}"
+    )
 
 
 def periodic(cfg, env, run, session: Session, logger, stopping: bool) -> bool:
     """Logging, validation and sample grids at their intervals; True on a new best val/loss."""
-    tc, state, model, ema = cfg.train, session.state, session.model, session.ema
+    tc, state, model = cfg.train, session.state, session.model
     step = state.step
     final = step == tc.max_steps or stopping
     if step % tc.log_every == 0 or final:
@@ -190,15 +204,23 @@ def periodic(cfg, env, run, session: Session, logger, stopping: bool) -> bool:
         new_best = value < state.best_val
         state.best_val = min(value, state.best_val)
     if tc.sample.every and (step % tc.sample.every == 0 or final):
-        swap = ema is not None and tc.sample.use_ema
-        if swap:
-            ema.store(model.model.parameters())
-            ema.copy_to(model.model)
-        grid = sample_grid(
-            model, tc.sample, cfg.data.token, cfg.data.class_word, cfg.data.size, tc.precision
-        )
-        if swap:
-            ema.restore(model.model.parameters())
-        save_image(grid, run.images / f"step={step:06d}.png")
-        logger.image("samples", grid, step)
+        log_samples(cfg, run, session, logger)
     return new_best
+
+
+def log_samples(cfg, run: RunDir, session: Session, logger: RunLogger) -> None:
+    """The sample grid of the current weights (EMA's, if on) as images/step=NNNNNN.png."""
+    tc, model, ema, step = cfg.train, session.model, session.ema, session.state.step
+    swap = ema is not None and tc.sample.use_ema
+    # Only what trains is averaged, and put aside (a LoRA run's frozen UNet is not copied).
+    trained = [p for p in model.model.parameters() if p.requires_grad]
+    if swap:
+        ema.store(trained)
+        ema.copy_to(model.model)
+    grid = sample_grid(
+        model, tc.sample, cfg.data.token, cfg.data.class_word, cfg.data.size, tc.precision
+    )
+    if swap:
+        ema.restore(trained)
+    save_image(grid, run.images / f"step={step:06d}.png")
+    logger.image("samples", grid, step)

@@ -60,6 +60,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> LambdaLR:
     return LambdaLR(optimizer, lr_lambda(train_cfg))
 
 
+def set_schedule(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, lr: float, step: int):
+    """Put the schedule at `step` with base lr `lr`: a resume from a checkpoint without
+    scheduler state, or with another effective lr (another lr, or processes with scale_lr)."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    scheduler.last_epoch = step
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def effective_lr(train_cfg, world_size: int) -> float:
     """`--scale_lr`: lr x processes x batch size x accumulation (the global batch)."""
     if not train_cfg.scale_lr:

@@ -33,9 +33,11 @@ def sample_class_images(
     precision: str,
     indices: list[int],
     progress: bool = True,
+    should_stop=lambda: False,
 ) -> int:
     """Sample `prior_{i:05d}.png` for each index (from `missing_indices`, or this rank's share
-    of them: every rank lists the folder before any rank writes); returns how many it wrote."""
+    of them: every rank lists the folder before any rank writes); returns how many it wrote.
+    `should_stop()` is asked before each batch: true ends the sampling early (a stop signal)."""
     class_root = Path(class_root)
     class_root.mkdir(parents=True, exist_ok=True)
     todo = list(indices)
@@ -46,7 +48,10 @@ def sample_class_images(
     bar = tqdm(
         total=len(todo), desc=f"class images ({class_prompt!r})", disable=not progress or not todo
     )
+    wrote = 0
     for indices in batches:
+        if should_stop():
+            break
         images = generate(
             model,
             [class_prompt] * len(indices),
@@ -59,5 +64,6 @@ def sample_class_images(
         for i, image in zip(indices, to_pil(images)):
             save_png(image, class_root / f"prior_{i:05d}.png")
         bar.update(len(indices))
+        wrote += len(indices)
     bar.close()
-    return len(todo)
+    return wrote

@@ -8,22 +8,23 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ldm.checkpoint import empty_parameters, load_model, load_state_into
+from ldm.checkpoint import CheckpointError, empty_parameters, load_model, load_state_into
 from ldm.data.dreambooth import DreamBoothDataset, format_prompt
 from ldm.modules.ema import LitEma
 from ldm.train import distributed
 from ldm.train.batches import LatentCache, PositionDataset, PositionSampler, stack_batch
-from ldm.train.config import uses_prior
+from ldm.train.config import ConfigError, uses_prior
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import Validation
 from ldm.train.logger import RunLogger
 from ldm.train.lora import load_adapters, resumed_weights
-from ldm.train.optim import build_optimizer, build_scheduler, effective_lr
+from ldm.train.optim import build_optimizer, build_scheduler, effective_lr, set_schedule
 from ldm.train.prior import missing_indices, sample_class_images
-from ldm.train.state import ema_entries, set_rng_state
+from ldm.train.state import ema_entries, is_lean, set_rng_state
 from ldm.train.trainable import (
     cast_frozen,
     configure_trainable,
@@ -37,6 +38,10 @@ from ldm.util import autocast, instantiate_from_config, precision_dtype
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message is one line."""
+
+
+class Stopped(Exception):
+    """A stop signal arrived before training began (during class-image sampling)."""
 
 
 class DreamBoothLoss(nn.Module):
@@ -75,16 +80,21 @@ class Resume:
 def build_model(cfg, resume: Resume | None, unsafe_load: bool) -> nn.Module:
     """The model with its starting weights: the resumed run's, the base checkpoint's, or (with
     neither, as in the demo) a seeded random initialisation, the same on every rank."""
-    if resume is not None:
-        with empty_parameters():
-            model = instantiate_from_config(cfg.model)
-        load_state_into(model, resumed_weights(resume.source, resume.extras), path=resume.path)
-        return model
-    tc = cfg.train
-    if tc.actual_resume is None:
-        torch.manual_seed(tc.seed)
-        return instantiate_from_config(cfg.model)
-    return load_model(cfg.model, tc.actual_resume, tc.use_ema_weights, unsafe_load)[0]
+    try:
+        if resume is not None:
+            with empty_parameters():
+                model = instantiate_from_config(cfg.model)
+            load_state_into(model, resumed_weights(resume.source, resume.extras), path=resume.path)
+            return model
+        tc = cfg.train
+        if tc.actual_resume is None:
+            torch.manual_seed(tc.seed)
+            return instantiate_from_config(cfg.model)
+        return load_model(cfg.model, tc.actual_resume, tc.use_ema_weights, unsafe_load)[0]
+    except (CheckpointError, ConfigError):
+        raise
+    except (ValueError, KeyError) as e:  # the model classes' own checks of their arguments
+        raise ConfigError(f"model: {' '.join(str(e).split())}") from None
 
 
 def build_dataset(cfg) -> DreamBoothDataset:
@@ -100,30 +110,32 @@ def build_dataset(cfg) -> DreamBoothDataset:
         center_crop=dc.center_crop,
         flip_p=dc.flip_p,
         seed=cfg.train.seed,
+        captions=dc.captions,
     )
 
 
-def conditioning(model, dataset: DreamBoothDataset, kinds, cfg, device):
-    """A function of the per-kind batch size giving the conditioning of a micro-batch: cached
-    text embeddings when the text encoder is frozen and `cache_text` is on, token ids when it
-    trains (the loss module encodes them with gradients), else embeddings computed each step."""
-    prompts = {"instance": dataset.instance_prompt, "class": dataset.class_prompt}
-    tokens = {k: model.cond_stage_model.tokenize([prompts[k]]).to(device) for k in kinds}
+def conditioning(model, dataset: DreamBoothDataset, cfg, device):
+    """A function of prompt ids [N] (indices into `dataset.prompts`) giving their conditioning:
+    cached text embeddings when the text encoder is frozen and `cache_text` is on, token ids when
+    it trains (the loss module encodes them with gradients), else embeddings computed each step."""
+    tokens = model.cond_stage_model.tokenize(dataset.prompts).to(device)  # [P, 77]
     if text_encoder_trains(cfg.train.trainable):
-        return lambda b: torch.cat([tokens[k].expand(b, -1) for k in kinds])
+        return lambda ids: tokens[ids]
 
-    def encode(b: int) -> torch.Tensor:
+    def encode(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(device, cfg.train.precision):
-            ids = torch.cat([tokens[k].expand(b, -1) for k in kinds])
-            return model.get_learned_conditioning(ids).float()
+            return model.get_learned_conditioning(tokens[ids]).float()
 
     if not cfg.train.cache_text:
         return encode
-    cached = {k: v for k, v in zip(kinds, encode(1).split(1))}
-    return lambda b: torch.cat([cached[k].expand(b, -1, -1) for k in kinds])
+    everything = torch.arange(len(dataset.prompts), device=device)
+    table = torch.cat([encode(part) for part in everything.split(256)])  # [P, 77, D]
+    return lambda ids: table[ids]
 
 
-def prepare(cfg, env: DistEnv, model: nn.Module, resume: Resume | None, logger: RunLogger):
+def prepare(
+    cfg, env: DistEnv, model: nn.Module, resume: Resume | None, logger: RunLogger, should_stop
+):
     """Class images, trainable parts, frozen dtype, data and caches: everything before the
     optimizer. Returns (dataset, cache, parameter groups, frozen weights as loaded)."""
     tc, dc = cfg.train, cfg.data
@@ -141,13 +153,19 @@ def prepare(cfg, env: DistEnv, model: nn.Module, resume: Resume | None, logger: 
         distributed.barrier(env)  # every rank has listed the folder before any rank writes
         wrote = sample_class_images(
             model, dc.class_root, class_prompt, cfg.prior, dc.size, tc.precision,
-            todo[env.rank :: env.world_size], progress=env.is_main,
+            todo[env.rank :: env.world_size], progress=env.is_main, should_stop=should_stop,
         )  # fmt: skip
-        distributed.barrier(env)
         if wrote:
             logger.message(f"sampled {wrote} class images into {dc.class_root} (rank {env.rank})")
+        if distributed.any_rank(should_stop(), env):  # also the barrier after sampling
+            raise Stopped(
+                f"stop signal during class-image sampling: the images written so far stay in "
+                f"{dc.class_root}; the same command continues"
+            )
     token_ids = identifier_token_ids(model, dc.token)
     groups = configure_trainable(model, tc.trainable, token_ids, tc.lora, tc.seed)
+    if resume is not None and resume.extras.get("lora") is not None:
+        load_adapters(model, resume.extras["lora"]["adapters"], resume.path)
     dtype = precision_dtype(tc.precision)
     for module in frozen_modules(model, tc.trainable):
         cast_frozen(module, dtype or torch.float32)
@@ -177,7 +195,9 @@ def _prefixed_state(model: nn.Module, module: nn.Module) -> dict:
 def make_loader(cfg, env, model, dataset, cache, start_step: int) -> DataLoader:
     tc = cfg.train
     latent_shape = model.latent_shape(cfg.data.size, cfg.data.size)
-    positions = PositionDataset(dataset, tc.seed, latent_shape, model.num_timesteps, cache)
+    positions = PositionDataset(
+        dataset, tc.seed, latent_shape, model.num_timesteps, cache, cfg.data.caption_dropout
+    )
     sampler = PositionSampler(
         env.rank, env.world_size, tc.batch_size, start=start_step * tc.accumulate_grad_batches
     )
@@ -186,26 +206,89 @@ def make_loader(cfg, env, model, dataset, cache, start_step: int) -> DataLoader:
         batch_size=tc.batch_size,
         sampler=sampler,
         collate_fn=stack_batch,
+        # Its own generator: starting the loader then draws nothing from the global RNG, which a
+        # resume has put back (LoRA's dropout draws from it).
+        generator=torch.Generator().manual_seed(tc.seed),
         num_workers=0 if cache is not None else cfg.data.num_workers,
         pin_memory=env.device.type == "cuda",
     )
 
 
-def restore(resume: Resume, model, optimizer, scheduler, scaler, ema, text_ema) -> TrainState:
-    """Put the adapters, optimizer, schedules and EMA back where the checkpoint left them (the
-    RNG comes last, in `setup`)."""
-    extras = resume.extras
-    if extras.get("lora") is not None:
-        load_adapters(model, extras["lora"]["adapters"], resume.path)
-    optimizer.load_state_dict(extras["optimizer"])
-    scheduler.load_state_dict(extras["lr_scheduler"])
-    scaler.load_state_dict(extras["scaler"])
-    if ema is not None:
-        lora = extras.get("lora")
-        ema.load_state_dict(lora["unet_ema"] if lora else ema_entries(resume.source))
-    if text_ema is not None:
-        text_ema.load_state_dict(extras["text_encoder_ema"])
-    return TrainState(**extras["train_state"])
+def restore(resume: Resume, cfg, env: DistEnv, session_parts: tuple, logger) -> TrainState:
+    """Put the optimizer, schedules, EMA and RNG back where the checkpoint left them; a lean
+    checkpoint (no optimizer state) gives its weights and step, with a fresh optimizer."""
+    optimizer, scheduler, scaler, ema, text_ema = session_parts
+    extras, state = resume.extras, TrainState(**resume.extras["train_state"])
+    lr = effective_lr(cfg.train, env.world_size)
+    lora = extras.get("lora")
+    if is_lean(extras):
+        logger.message(
+            f"{resume.path}: a lean checkpoint (weights only, no optimizer state): continuing "
+            f"from its weights at step {state.step} with a fresh optimizer"
+        )
+        set_schedule(optimizer, scheduler, lr, state.step)
+    else:
+        load_optimizer_state(resume, cfg, optimizer)
+        scheduler.load_state_dict(extras["lr_scheduler"])
+        scaler.load_state_dict(extras["scaler"])
+        restore_rng(extras["rng"], env, logger)
+        if scheduler.base_lrs[0] != lr:
+            logger.message(
+                f"lr: {scheduler.base_lrs[0]:g} in the checkpoint, {lr:g} now (train.lr, "
+                f"train.scale_lr x {env.world_size} processes): continuing with {lr:g}"
+            )
+            set_schedule(optimizer, scheduler, lr, scheduler.last_epoch)
+    unet_ema = lora["unet_ema"] if lora is not None else ema_entries(resume.source)
+    restore_ema(ema, unet_ema, "UNet", state.step, logger)
+    restore_ema(text_ema, extras.get("text_encoder_ema"), "text encoder", state.step, logger)
+    return state
+
+
+def load_optimizer_state(resume: Resume, cfg, optimizer) -> None:
+    """The optimizer state, or one line naming the setting that makes it not fit."""
+    saved = resume.extras["config"]["train"]
+    for key in ("trainable", "optimizer", "fused_backward"):
+        now = OmegaConf.to_container(cfg.train)[key]
+        if saved.get(key) != now:
+            raise ConfigError(
+                f"train.{key}: {now} now, {saved.get(key)} in {resume.path}, whose optimizer "
+                f"state then does not fit: resume with train.{key}={saved.get(key)}, or start a "
+                f"new run from its weights with --actual_resume {resume.path}"
+            )
+    try:
+        optimizer.load_state_dict(resume.extras["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{resume.path}: its optimizer state does not fit this run ({e})"
+        ) from None
+
+
+def restore_rng(saved, env: DistEnv, logger) -> None:
+    """Each rank continues its own RNG stream; a checkpoint from another number of processes
+    leaves the extra ranks on their fresh seeds (training draws are keyed, so data is the same)."""
+    states = saved if isinstance(saved, list) else [saved]  # a dict: one process
+    if env.rank < len(states):
+        set_rng_state(states[env.rank])
+    if len(states) != env.world_size:
+        logger.message(
+            f"RNG: the checkpoint holds the states of {len(states)} processes, this run has "
+            f"{env.world_size}: ranks beyond {len(states) - 1} start from train.seed + rank"
+        )
+
+
+def restore_ema(ema: LitEma | None, saved: dict | None, part: str, step: int, logger) -> None:
+    """The average as saved; turned on at resume, it starts from the resumed weights."""
+    if ema is None:
+        if saved:
+            logger.message(f"the checkpoint's {part} EMA is dropped (train.ema.enabled=false)")
+        return
+    if not saved:
+        logger.message(
+            f"train.ema.enabled: the checkpoint has no {part} EMA; it starts from the weights "
+            f"of step {step}"
+        )
+        return
+    ema.load_state_dict(saved)
 
 
 @dataclass
@@ -219,7 +302,7 @@ class Session:
     scaler: torch.amp.GradScaler
     params: list[nn.Parameter]
     batches: object  # an endless iterator of micro-batches
-    cond_of: object  # per-kind batch size -> conditioning
+    cond_of: object  # prompt ids -> conditioning
     kinds: tuple[str, ...]
     ema: LitEma | None
     text_ema: LitEma | None
@@ -229,7 +312,12 @@ class Session:
 
 
 def setup(
-    cfg, env: DistEnv, resume: Resume | None, unsafe_load: bool, logger: RunLogger
+    cfg,
+    env: DistEnv,
+    resume: Resume | None,
+    unsafe_load: bool,
+    logger: RunLogger,
+    should_stop=lambda: False,
 ) -> Session:
     tc = cfg.train
     torch.manual_seed(tc.seed + env.rank)  # rank-offset; per-sample draws are keyed instead
@@ -237,9 +325,9 @@ def setup(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = build_model(cfg, resume, unsafe_load)
-    dataset, cache, groups, frozen_state = prepare(cfg, env, model, resume, logger)
+    dataset, cache, groups, frozen_state = prepare(cfg, env, model, resume, logger, should_stop)
     kinds = ("instance", "class") if dataset.with_prior else ("instance",)
-    cond_of = conditioning(model, dataset, kinds, cfg, env.device)
+    cond_of = conditioning(model, dataset, cfg, env.device)
     validation = None
     if tc.val_every and env.is_main:
         validation = Validation(model, dataset, tc.val_timesteps, tc.seed, env.device)
@@ -255,9 +343,8 @@ def setup(
     optimizer = build_optimizer(groups, tc, effective_lr(tc, env.world_size), env.device)
     scheduler = build_scheduler(optimizer, tc)
     scaler = torch.amp.GradScaler(env.device.type, enabled=str(tc.precision) == "16")
-    state = TrainState()
-    if resume:
-        state = restore(resume, model, optimizer, scheduler, scaler, ema, text_ema)
+    parts = (optimizer, scheduler, scaler, ema, text_ema)
+    state = restore(resume, cfg, env, parts, logger) if resume else TrainState()
 
     if tc.fused_backward and env.is_distributed:
         raise TrainingError("train.fused_backward is single-process: DDP must see whole gradients")
@@ -272,9 +359,6 @@ def setup(
             gradient_as_bucket_view=True,
         )
     batches = iter(make_loader(cfg, env, model, dataset, cache, state.step))
-    if resume:
-        # Last: starting the loader draws from the global RNG, which LoRA's dropout uses.
-        set_rng_state(resume.extras["rng"])
     return Session(
         model, ddp, optimizer, scheduler, scaler, trained_parameters(model), batches, cond_of,
         kinds, ema, text_ema, validation, frozen_state, state,

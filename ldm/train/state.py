@@ -1,9 +1,11 @@
-"""The run folder and the training checkpoint: one dict, SD layout plus everything to resume.
+"""The run folder and the checkpoints in it.
 
-`state_dict` holds the model in the Stable Diffusion checkpoint layout (`model_ema.*` included
-when EMA is on), so the file loads in txt2img and other SD tools as it is. Beside it: optimizer,
-GradScaler, lr scheduler, step, the text encoder's EMA, the resolved config and every RNG state.
-All of it is plain tensors and containers, so it loads with `torch.load(weights_only=True)`.
+A full training checkpoint (last.ckpt) is one dict: `state_dict` holds the model in the Stable
+Diffusion checkpoint layout (`model_ema.*` included when EMA is on), so the file loads in txt2img
+and other SD tools as it is; beside it: optimizer, GradScaler, lr scheduler, step, the text
+encoder's EMA, the resolved config and every process's RNG state. A lean checkpoint (step-numbered,
+best) is the same dict without the optimizer and the other resume state. All of it is plain
+tensors and containers, so it loads with `torch.load(weights_only=True)`.
 """
 
 import random
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import EMA_PREFIX, save_checkpoint
+from ldm.checkpoint import EMA_PREFIX, SaveError, half_precision, save_checkpoint, save_text
 
 STEP_CHECKPOINT = re.compile(r"^step=(\d{6,})\.ckpt$")
 
@@ -45,16 +47,54 @@ class RunDir:
     def best(self) -> Path:
         return self.checkpoints / "best.ckpt"
 
-    def create(self, cfg: DictConfig) -> None:
-        for folder in (self.checkpoints, self.images, self.configs):
-            folder.mkdir(parents=True, exist_ok=True)
+    def step_path(self, step: int) -> Path:
+        return self.checkpoints / f"step={step:06d}.ckpt"
+
+    def create(self) -> None:
+        """The folders (the root exists already for a new run: `claim_run_dir` made it)."""
+        try:
+            for folder in (self.checkpoints, self.images, self.configs):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SaveError(f"{self.root}: cannot create the run folder ({e.strerror})") from None
+
+    def write_config(self, cfg: DictConfig) -> None:
+        """The resolved config, once set-up has accepted it (a failed resume leaves none)."""
         stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
-        (self.configs / f"{stamp}-project.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        path, n = self.configs / f"{stamp}-project.yaml", 1
+        while path.exists():  # a resume in the same second keeps the run's first config
+            n += 1
+            path = self.configs / f"{stamp}-{n}-project.yaml"
+        save_text(OmegaConf.to_yaml(cfg, resolve=True), path)
+
+    def remove_partial_files(self) -> list[str]:
+        """Temporary checkpoint files a killed run left behind (each as big as a checkpoint)."""
+        names = []
+        for path in self.checkpoints.glob(".*.ckpt.*.tmp"):
+            path.unlink(missing_ok=True)
+            names.append(path.name)
+        return sorted(names)
+
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir() and any(self.checkpoints.glob("*.ckpt"))
 
 
-def new_run_dir(logdir: str | Path, name: str) -> RunDir:
+def claim_run_dir(logdir: str | Path, name: str) -> RunDir:
+    """A new run folder `<logdir>/<timestamp>_<name>`, made here so that it belongs to this run:
+    a second run started in the same second gets `..._<name>-2`."""
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
-    return RunDir(Path(logdir) / f"{stamp}_{name}")
+    try:
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            root = Path(logdir) / (f"{stamp}_{name}" + (f"-{n}" if n > 1 else ""))
+            try:
+                root.mkdir()
+                return RunDir(root)
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise SaveError(f"{logdir}: cannot create a run folder there ({e.strerror})") from None
+    raise SaveError(f"{logdir}: no free run folder name for {stamp}_{name}")
 
 
 def run_dir_of(resume: str | Path) -> tuple[RunDir, Path]:
@@ -95,19 +135,36 @@ def _tuples(value):
 
 
 def checkpoint_payload(
-    model, optimizer, scaler, scheduler, text_ema, cfg, step: int, train_state: dict
+    state_dict: dict, optimizer, scaler, scheduler, text_ema, cfg, train_state: dict, rng: list
 ) -> dict:
+    """A full training checkpoint: `rng` holds every process's RNG state, rank order."""
     return {
-        "state_dict": model.state_dict(),
-        "global_step": step,
+        **lean_payload(state_dict, cfg, train_state, half=False),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict(),
         "lr_scheduler": scheduler.state_dict(),
         "text_encoder_ema": text_ema.state_dict() if text_ema is not None else None,
+        "rng": rng,
+        "world_size": len(rng),
+    }
+
+
+def lean_payload(state_dict: dict, cfg, train_state: dict, half: bool) -> dict:
+    """The model in the SD layout (fp16 weights if `half`), its step, the config and the
+    counters: what txt2img needs, and what a resume from it can take (with a fresh optimizer)."""
+    if half:
+        state_dict = {k: half_precision(k, v) for k, v in state_dict.items()}
+    return {
+        "state_dict": state_dict,
+        "global_step": train_state["step"],
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "rng": rng_state(),
         "train_state": dict(train_state),
     }
+
+
+def is_lean(extras: dict) -> bool:
+    """A checkpoint of this codebase without optimizer state (step-numbered or best)."""
+    return "config" in extras and "train_state" in extras and "optimizer" not in extras
 
 
 def ema_entries(state: dict) -> dict:
@@ -117,7 +174,7 @@ def ema_entries(state: dict) -> dict:
 
 def save_step(run: RunDir, payload: dict, step: int, keep_last: int) -> Path:
     """`step=NNNNNN.ckpt`, keeping the newest `keep_last` of them."""
-    path = run.checkpoints / f"step={step:06d}.ckpt"
+    path = run.step_path(step)
     save_checkpoint(payload, path)
     numbered = sorted(p for p in run.checkpoints.iterdir() if STEP_CHECKPOINT.match(p.name))
     for old in numbered[: max(0, len(numbered) - keep_last)]:

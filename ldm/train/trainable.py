@@ -39,7 +39,11 @@ def configure_trainable(
     text = model.cond_stage_model
     if "text_encoder" in parts:
         text.requires_grad_(True).train()
-        groups.append({"name": "text_encoder", "params": list(text.parameters())})
+        # What the conditioning never uses stays frozen (no gradient; no optimizer state).
+        for p in text.unused_parameters():
+            p.requires_grad_(False)
+        used = [p for p in text.parameters() if p.requires_grad]
+        groups.append({"name": "text_encoder", "params": used})
     elif "token_embedding" in parts:
         weight = text.token_embedding.weight
         weight.requires_grad_(True)
@@ -47,13 +51,13 @@ def configure_trainable(
         mask[token_ids] = 1.0
         weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
         groups.append({"name": "token_embedding", "params": [weight], "weight_decay": 0.0})
-    for part, module, targets in (
-        ("lora", model.model.diffusion_model, lora and lora.targets),
-        ("text_encoder_lora", text, lora and lora.text_encoder_targets),
+    for part, module, targets, unused in (
+        ("lora", model.model.diffusion_model, lora and lora.targets, []),
+        ("text_encoder_lora", text, lora and lora.text_encoder_targets, text.unused_parameters()),
     ):
         if part in parts:
             alpha = lora.alpha if lora.alpha is not None else lora.rank
-            adapters = add_adapters(module, targets, lora.rank, alpha, lora.dropout, seed)
+            adapters = add_adapters(module, targets, lora.rank, alpha, lora.dropout, seed, unused)
             module.train()  # for the adapters' dropout; the frozen layers have none
             groups.append({"name": part, "params": adapters})
     return groups

@@ -120,7 +120,8 @@ class Encoder(nn.Module):
         z_channels: int,
         double_z: bool = True,
         attn_type: str = "vanilla",
-        **ignore_kwargs,
+        give_pre_end: bool = False,  # Decoder options: the VAE hands both halves one ddconfig
+        tanh_out: bool = False,
     ):
         super().__init__()
         _check_attn_type(attn_type)
@@ -201,7 +202,7 @@ class Decoder(nn.Module):
         give_pre_end: bool = False,
         tanh_out: bool = False,
         attn_type: str = "vanilla",
-        **ignorekwargs,
+        double_z: bool = True,  # an Encoder option: the VAE hands both halves one ddconfig
     ):
         super().__init__()
         _check_attn_type(attn_type)

@@ -41,22 +41,28 @@ CLIP_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 class CLIPTextTransformer(nn.Module):
-    """transformers' ``CLIPTextModel`` under ``.text_model``, the nesting of transformers 4.
+    """The CLIP text transformer under ``.text_model``, the nesting of every SD v1 checkpoint.
 
-    Every SD v1 checkpoint names the encoder ``cond_stage_model.transformer.text_model.*``, but
-    transformers 5 dropped the ``text_model`` level from ``CLIPTextModel``. Restoring it as a real
-    module, rather than renaming keys in state-dict hooks, keeps ``state_dict``, strict
-    ``load_state_dict`` (whose missing/unexpected keys then read as in the checkpoint) and
-    ``named_parameters`` all in the checkpoint layout.
+    Every SD v1 checkpoint names the encoder ``cond_stage_model.transformer.text_model.*``.
+    transformers up to 5.3 nest the transformer as ``CLIPTextModel.text_model``; later 5.x
+    dropped that level. Either way ``.text_model`` here is the module whose state dict starts at
+    ``embeddings.``: a real module, rather than keys renamed in state-dict hooks, keeps
+    ``state_dict``, strict ``load_state_dict`` and ``named_parameters`` in the checkpoint layout.
     """
 
     def __init__(self, config: CLIPTextConfig) -> None:
         super().__init__()
-        self.text_model = CLIPTextModel(config)
+        model = CLIPTextModel(config)
+        inner = getattr(model, "text_model", None)
+        self.text_model = inner if isinstance(inner, nn.Module) else model
+        # The PreTrainedModel, kept out of the module tree (it would add a level to the keys):
+        # its gradient-checkpointing switch reaches the layers of `text_model` either way.
+        self.__dict__["pretrained"] = model
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
         """input_ids [B, L] -> transformers' output (last_hidden_state [B, L, hidden], ...)."""
-        return self.text_model(input_ids=input_ids, **kwargs)
+        # Through the PreTrainedModel: before 5.4 it is what collects `hidden_states`.
+        return self.pretrained(input_ids=input_ids, **kwargs)
 
 
 class FrozenCLIPEmbedder(nn.Module):
@@ -131,16 +137,30 @@ class FrozenCLIPEmbedder(nn.Module):
         """Same as ``forward`` (CompVis' name)."""
         return self(text)
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters the conditioning never reaches: with ``layer: hidden``, the layers after
+        ``layer_idx`` and the final LayerNorm (training must freeze them: no gradient)."""
+        if self.layer != "hidden":
+            return []
+        model = self.transformer.text_model
+        layers = model.encoder.layers
+        first_unused = self.layer_idx % (len(layers) + 1)  # hidden state i comes from layer i-1
+        unused = [*layers[first_unused:], model.final_layer_norm]
+        return [p for module in unused for p in module.parameters()]
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each encoder layer in backward (non-reentrant ``torch.utils.checkpoint``).
 
         As in every transformers model, it only acts in training mode with grad enabled.
         """
-        model = self.transformer.text_model
+        model = self.transformer.pretrained
+        # activation_checkpointing_* from transformers 5.23 on, where gradient_checkpointing_*
+        # became a deprecated alias; before it, gradient_checkpointing_* is the only switch.
+        prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
         if not enabled:
-            model.activation_checkpointing_disable()
+            getattr(model, f"{prefix}_checkpointing_disable")()
             return
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        getattr(model, f"{prefix}_checkpointing_enable")({"use_reentrant": False})
         # transformers also hooks the token embedding so that its output requires grad, which only
         # reentrant checkpointing needs; it would make a frozen encoder build a backward graph.
         model.disable_input_require_grads()
@@ -260,6 +280,16 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def encode(self, text: list[str] | torch.Tensor) -> torch.Tensor:
         """Same as ``forward`` (CompVis' name)."""
         return self(text)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters the conditioning never reaches: ``text_projection`` and ``logit_scale``
+        (CLIP's contrastive head), and with ``penultimate`` (SD v2) the last block. Training
+        must freeze them: they get no gradient, which DDP would wait for."""
+        blocks = self.model.transformer.resblocks
+        skipped = [
+            p for block in blocks[len(blocks) - self.layer_idx :] for p in block.parameters()
+        ]
+        return [self.model.text_projection, self.model.logit_scale, *skipped]
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each block in backward (non-reentrant); only in training mode with grad
