@@ -19,12 +19,14 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointError, SaveError, read_checkpoint
+from ldm.config_files import config_from_data
 from ldm.data.images import DataError, check_image_folder, list_images
 from ldm.train import distributed
 from ldm.train.config import ConfigError, RunSchema, load_config, merge_overrides, to_yaml
 from ldm.train.loop import train
 from ldm.train.setup import Resume, Stopped, TrainingError
 from ldm.train.state import claim_run_dir, run_dir_of
+from ldm.util import check_targets
 
 USER_ERRORS = (
     ConfigError,
@@ -77,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--unsafe_load",
         action="store_true",
-        help="allow checkpoints that need arbitrary unpickling",
+        help="trust the files: allow arbitrary unpickling and any config target (both run code)",
     )
     return p
 
@@ -107,6 +109,7 @@ def resolve(args, overrides: list[str]):
         if not args.base:
             raise ConfigError("pass a config with -b/--base (or resume a run with -r)")
         cfg = load_config(args.base, overrides, flag_values(args))
+        check_targets(cfg.model, args.unsafe_load)  # before a run folder exists
         return cfg, None, None
     if args.base:
         raise ConfigError("-r resumes with the run's own config; change settings with key=value")
@@ -114,8 +117,12 @@ def resolve(args, overrides: list[str]):
     source, extras = read_checkpoint(ckpt, unsafe_load=args.unsafe_load)
     if "config" not in extras or "train_state" not in extras:
         raise CheckpointError(f"{ckpt}: not a checkpoint of this codebase's training (no config)")
-    configs = [OmegaConf.structured(RunSchema), OmegaConf.create(extras["config"])]
+    configs = [
+        OmegaConf.structured(RunSchema),
+        config_from_data(extras["config"], f"{ckpt}: config"),
+    ]
     cfg = merge_overrides(configs, overrides, flag_values(args))
+    check_targets(cfg.model, args.unsafe_load)
     return cfg, run, Resume(str(ckpt), source, extras)
 
 

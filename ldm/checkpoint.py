@@ -5,7 +5,6 @@ meta device, `.ckpt` tensors are memory-mapped and become the parameters themsel
 `.safetensors` tensors are read one at a time straight into the parameter dtype.
 """
 
-import json
 import os
 import pickle
 import shutil
@@ -19,6 +18,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ldm.checkpoint_rules import (  # CheckpointError is re-exported: import it from here
+    SAFETENSORS_DTYPES,
+    CheckpointError,
+    check_tensors,
+    check_torch_zip,
+    read_safetensors_header,
+)
 from ldm.util import instantiate_from_config
 
 # Keys that real checkpoints carry and current code does not store; dropped on load.
@@ -29,22 +35,6 @@ IGNORED_KEYS = frozenset(
     }
 )
 EMA_PREFIX = "model_ema."
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line naming the file."""
 
 
 class SaveError(RuntimeError):
@@ -70,25 +60,13 @@ class LazyTensors(Mapping):
 
 
 class SafetensorsFile(LazyTensors):
-    """Lazy read access to a .safetensors file: the header is parsed once, and each tensor is
-    read with plain file reads (no mmap, so nothing of the file stays resident)."""
+    """Lazy read access to a .safetensors file: the header is parsed and checked against the
+    format's rules once (ldm.checkpoint_rules), and each tensor is read with plain file reads
+    (no mmap, so nothing of the file stays resident)."""
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if header_len <= 0 or 8 + header_len > size:
-                raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
-            header = json.loads(f.read(header_len))
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.entries: dict = header
-        self.data_start = 8 + header_len
-        for key, entry in header.items():
-            if entry["dtype"] not in _SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype")
-            if self.data_start + entry["data_offsets"][1] > size:
-                raise CheckpointError(f"{path}: truncated (tensor {key!r} ends past the file)")
+        self.entries, self.metadata, self.data_start = read_safetensors_header(path)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
@@ -102,7 +80,7 @@ class SafetensorsFile(LazyTensors):
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         entry = self.entries[key]
         begin, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
             n = f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -112,6 +90,7 @@ class SafetensorsFile(LazyTensors):
 
 
 def _load_pickle(path: Path, unsafe_load: bool) -> dict:
+    check_torch_zip(path)  # before torch.load inflates anything
     # torch.save's zip format memory-maps; the legacy format (torch < 1.6, old SD tools) cannot,
     # and is read into memory instead.
     mmap = zipfile.is_zipfile(path)
@@ -143,6 +122,7 @@ def read_checkpoint(path: str | os.PathLike, unsafe_load: bool = False) -> tuple
         st = SafetensorsFile(path)
         return st, dict(st.metadata)
     obj = _load_pickle(path, unsafe_load)
+    check_tensors(path, obj)  # here, so every reader (export.py included) is covered
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     if "state_dict" in obj:
@@ -260,13 +240,14 @@ def load_model(
     use_ema: bool = False,
     unsafe_load: bool = False,
 ) -> tuple[nn.Module, Mapping, dict]:
-    """Build a model from its config and load `ckpt` into it (strict; EMA weights if `use_ema`).
-    Returns the model, the checkpoint's lazy state dict and the file's other entries."""
+    """Build a model from its config and load `ckpt` into it (strict; EMA weights if `use_ema`;
+    `unsafe_load` allows arbitrary unpickling and any config target). Returns the model, the
+    checkpoint's lazy state dict and the file's other entries."""
     source, extras = read_checkpoint(ckpt, unsafe_load=unsafe_load)
     if isinstance(source, LazyTensors):
         source.check_model_config(model_config)
     with empty_parameters():
-        model = instantiate_from_config(model_config)
+        model = instantiate_from_config(model_config, unsafe=unsafe_load)
     load_state_into(model, source, use_ema=use_ema, path=ckpt)
     return model, source, extras
 
@@ -282,14 +263,22 @@ def load_model_from_config(
 
 
 def tensor_bytes(obj) -> int:
-    """Bytes of the tensors in a (nested) payload: about what torch.save writes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.nbytes
-    if isinstance(obj, Mapping):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    """Bytes of the tensors in a (nested) payload: about what torch.save writes. Each object is
+    counted once, as torch.save writes it once: a payload with shared parts (a loaded file's
+    may have them) is walked in time linear in its objects, not in its expanded tree."""
+    total, seen, stack = 0, set(), [obj]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.Tensor):
+            total += node.nbytes
+        elif isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return total
 
 
 def _atomic_write(path: Path, write, nbytes: int = 0) -> None:
@@ -337,7 +326,7 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
 
 
 def save_text(text: str, path: str | os.PathLike) -> None:
-    """A text file, written atomically."""
+    """A text file, written atomically (a link planted at `path` is replaced, not followed)."""
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 

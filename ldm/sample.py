@@ -1,13 +1,14 @@
 """Text-to-image with DDIM and classifier-free guidance: the one path that txt2img, prior (class)
 image sampling, training-time sample grids and evaluation all use."""
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ldm.checkpoint import _atomic_write
+from ldm.models.diffusion.captured import captured_sampler
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.util import autocast, precision_dtype
 
@@ -45,10 +46,14 @@ def generate(
     precision: str = "autocast",
     generator: torch.Generator | None = None,
     verbose: bool = False,
+    capture: bool = False,
+    callback=None,
 ) -> torch.Tensor:
     """Images [B, 3, H, W] in [0, 1] for prompts [B] from start latents x_T [B, C, h, w].
 
     The negative prompt (empty by default) is the unconditional conditioning of the guidance.
+    `capture` replays the guided UNet call from a CUDA graph (ldm.models.diffusion.captured;
+    unverified on a GPU, the plain sampler without CUDA); `callback(i)` follows DDIM step i.
     """
     device = model.betas.device
     with autocast(device, precision):
@@ -56,7 +61,8 @@ def generate(
         uc = None
         if scale != 1.0:
             uc = model.get_learned_conditioning([negative_prompt] * len(prompts))
-        z, _ = DDIMSampler(model).sample(
+        sampler = captured_sampler(model, precision) if capture else DDIMSampler(model)
+        z, _ = sampler.sample(
             S=ddim_steps,
             batch_size=len(prompts),
             shape=tuple(x_T.shape[1:]),
@@ -67,18 +73,17 @@ def generate(
             x_T=x_T,
             generator=generator,
             verbose=verbose,
+            callback=callback,
         )
         images = model.decode_first_stage(z.to(next(model.first_stage_model.parameters()).dtype))
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write through a temporary name, so an interrupted write never leaves a truncated PNG
-    (which a resumed run would count as done)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write a fresh temporary file and rename it over `path`: an interrupted write never leaves
+    a truncated PNG (which a resumed run would count as done), and a file or link planted in the
+    folder (a downloaded class-image set may hold one) is replaced, never written through."""
+    _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ldm.checkpoint import (
     EMA_PREFIX,
@@ -35,6 +35,7 @@ from ldm.checkpoint import (
     save_checkpoint,
     save_safetensors,
 )
+from ldm.config_files import read_config_file
 from ldm.util import instantiate_from_config
 
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
@@ -97,7 +98,7 @@ def naive_load(config: DictConfig, path: Path) -> torch.nn.Module:
 
 def measure(mode: str, config_path: str, path: Path) -> dict:
     """Run in the child process: load, touch every weight, report memory and time."""
-    config = OmegaConf.load(config_path)
+    config = read_config_file(config_path)
     # Building once on the meta device does the lazy imports and reads the tokenizer files, which
     # would otherwise count as load time and memory (~0.4 GB, ~7 s) though they are no weights.
     with empty_parameters():
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir = opt.workdir or Path(tempfile.mkdtemp(prefix="bench_load_"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        write_checkpoints(OmegaConf.load(opt.config), workdir)
+        write_checkpoints(read_config_file(opt.config), workdir)
         print("| case | file size | model size | peak extra RSS | ratio | time |")
         print("|---|---|---|---|---|---|")
         for case in opt.cases:

@@ -3,12 +3,15 @@
     python scripts/bench_train.py --base configs/dreambooth/v1-finetune_unfrozen.yaml \
         --size 512 --precision bf16 --grad_ckpt
     python scripts/bench_train.py --matrix --size 512        # the main combinations, one per process
+    python scripts/bench_train.py --capture ...              # the step as a CUDA graph (unverified)
 
 Random full-size weights (no checkpoint needed), the bundled demo photos as instance images and
 copies of them as class images (batch B instance + B class, as with prior preservation). It runs
 `ldm.train.setup` and `ldm.train.loop.train_step` exactly as main.py does, times `--steps` steps
 after `--warmup`, and prints a markdown row: s/step, images/s through the UNet, and the peak memory
-of the timed steps (CUDA max allocated on a GPU; the process's peak RSS on the CPU).
+of the timed steps (CUDA max allocated on a GPU; the process's peak RSS on the CPU). In the
+matrix each profile that `train.capture` applies to is followed by its captured twin; where the
+captured step cannot run (no CUDA) the row says "capture off (why)" and times the eager step.
 """
 
 import argparse
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.train.captured import CapturedStep, capture_unavailable
 from ldm.train.config import load_config
 from ldm.train.distributed import DistEnv
 from ldm.train.logger import RunLogger, peak_memory_gb, reset_peak_memory
@@ -37,6 +41,7 @@ HEADER = (
 MATRIX = [
     ("fp32 baseline", ["--precision", "32", "--no_cache"]),
     ("bf16", ["--precision", "bf16"]),
+    ("fp16", ["--precision", "16"]),
     ("bf16 fast", ["--precision", "bf16", "--channels_last", "--compile"]),
     ("bf16 ckpt", ["--precision", "bf16", "--grad_ckpt"]),
     ("bf16 lean", ["--precision", "bf16", "--grad_ckpt", "--fused_backward"]),
@@ -73,6 +78,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--optimizer", default="adamw", help="adamw or adamw8bit")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument(
+        "--capture", action="store_true", help="the step as a CUDA graph (train.capture)"
+    )
     p.add_argument("--matrix", action="store_true", help="run the main combinations")
     p.add_argument("--name", default="", help="row label")
     return p.parse_known_args(argv)
@@ -99,6 +107,7 @@ def overrides(args, data: Path) -> list[str]:
         f"train.optimizer={args.optimizer}",
         f"train.channels_last={args.channels_last}",
         f"train.compile={args.compile}",
+        f"train.capture={args.capture}",
         "train.val_every=0",
         "train.sample.every=0",
         "train.log_every=1000000",
@@ -116,7 +125,9 @@ def measure(args, extra: list[str]) -> dict:
         cfg = load_config([args.base], [*overrides(args, data), *extra])
         session = setup(cfg, env, None, False, RunLogger(None, 0, cfg.train.max_steps))
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        for _ in range(args.warmup):
+        # A captured step is recorded after its eager warm-up steps: all of that is warm-up here.
+        warmup = max(args.warmup, CapturedStep.WARMUP + 1) if session.captured else args.warmup
+        for _ in range(warmup):
             train_step(session, cfg, env)
         sync()
         reset_peak_memory(device)
@@ -130,15 +141,33 @@ def measure(args, extra: list[str]) -> dict:
         "s_per_step": seconds,
         "images_per_s": images / seconds,
         "peak_gb": peak_memory_gb(device),
+        "eager_because": capture_unavailable(cfg, env) if args.capture else None,
     }
 
 
-def switches(args) -> str:
-    names = ["grad_ckpt", "no_cache", "fused_backward", "channels_last", "compile"]
+def switches(args, result: dict) -> str:
+    names = ["grad_ckpt", "no_cache", "fused_backward", "channels_last", "compile", "capture"]
     on = [n for n in names if getattr(args, n)]
     if args.optimizer != "adamw":
         on.append(args.optimizer)
+    if result.get("eager_because"):  # the row must not pass an eager step off as captured
+        on[on.index("capture")] = f"capture off ({result['eager_because']})"
     return ", ".join(on) or "-"
+
+
+def capturable(flags: list[str]) -> bool:
+    """Whether a MATRIX profile can run as a captured step (ldm.train.captured)."""
+    return "--fused_backward" not in flags and "adamw8bit" not in flags
+
+
+def matrix() -> list[tuple[str, list[str]]]:
+    """MATRIX, each profile that can be captured followed by its captured twin."""
+    rows = []
+    for name, flags in MATRIX:
+        rows.append((name, flags))
+        if capturable(flags):
+            rows.append((f"{name} captured", [*flags, "--capture"]))
+    return rows
 
 
 def row(args, result: dict) -> str:
@@ -146,7 +175,7 @@ def row(args, result: dict) -> str:
     name = args.name or Path(args.base).stem
     return (
         f"| {name} | {args.size} | {args.batch}+{args.batch} | {args.precision} | {trains} | "
-        f"{switches(args)} | {result['s_per_step']:.3f} | {result['images_per_s']:.2f} | "
+        f"{switches(args, result)} | {result['s_per_step']:.3f} | {result['images_per_s']:.2f} | "
         f"{result['peak_gb']:.2f} |"
     )
 
@@ -155,7 +184,7 @@ def run_matrix(argv: list[str]) -> int:
     """Each combination in a fresh process, so peak memory is its own."""
     base = [a for a in argv if a != "--matrix"]
     print(HEADER, flush=True)
-    for name, flags in MATRIX:
+    for name, flags in matrix():
         command = [sys.executable, __file__, *base, *flags, "--name", name]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode == 0:

@@ -38,6 +38,7 @@ from ldm.checkpoint import (
     save_checkpoint,
     save_safetensors,
 )
+from ldm.config_files import config_from_data, read_config_file
 from ldm.data.images import list_images
 from ldm.formats.diffusers import DiffusersFolder, write_diffusers_folder
 from ldm.formats.diffusers_config import structure_of_config
@@ -45,6 +46,7 @@ from ldm.formats.kohya import apply_lora_files, save_lora, training_metadata
 from ldm.formats.layout import Layout
 from ldm.modules.lora import adapters_of_state
 from ldm.train.lora import fold
+from ldm.util import check_targets
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="merge a LoRA file"
     )
-    p.add_argument("--unsafe_load", action="store_true", help="allow arbitrary unpickling")
+    p.add_argument(
+        "--unsafe_load",
+        action="store_true",
+        help="trust the files: arbitrary unpickling, any config target",
+    )
     return p.parse_args(argv)
 
 
@@ -130,10 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         source, extras = read_checkpoint(args.ckpt, unsafe_load=args.unsafe_load)
-        config = OmegaConf.load(args.config) if args.config else extras.get("config")
-        if config is None:
+        if args.config:
+            config = read_config_file(args.config)
+        elif "config" in extras:
+            config = config_from_data(extras["config"], f"{args.ckpt}: config")
+        else:
             raise CheckpointError(f"{args.ckpt}: holds no config; pass --config")
-        config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+        check_targets(config, args.unsafe_load)  # not passed on to whoever loads the export
+        config = OmegaConf.to_container(config, resolve=True)
         if args.format == "kohya":
             count = export_kohya(args, extras, config, out)
         else:

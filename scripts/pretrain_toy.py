@@ -28,9 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # main.py and scripts/ sit beside the installed ldm package
 
 import main as train_main  # noqa: E402
-from ldm.checkpoint import load_state_into, read_checkpoint, save_checkpoint  # noqa: E402
+from ldm.checkpoint import load_model, load_state_into, read_checkpoint, save_checkpoint  # noqa: E402
+from ldm.config_files import read_config_file  # noqa: E402
 from ldm.data import toyworld as tw  # noqa: E402
 from ldm.data.images import list_images, load_rgb  # noqa: E402
+from ldm.eval import toy  # noqa: E402
 from ldm.train.autoencoder import evaluate_autoencoder, train_autoencoder  # noqa: E402
 from ldm.train.state import RunDir  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
@@ -45,13 +47,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "models" / "toy" / "base.safetensors"))
     p.add_argument("--work", default="outputs/toy_pretrain", help="world, VAE, run folder")
     p.add_argument("--world", type=int, default=12000, help="captioned scenes")
-    p.add_argument("--vae_steps", type=int, default=4000)
+    p.add_argument("--vae_steps", type=int, default=1500)
     p.add_argument("--unet_steps", type=int, default=None, help="default: pretrain.yaml's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evaluator", default=str(ROOT / "models" / "toy" / "evaluator.safetensors"))
     p.add_argument("--vae_only", action="store_true", help="stop after the VAE")
+    p.add_argument("--photos", action="store_true", help="only rewrite data/toy/<subject>/")
     p.add_argument("overrides", nargs="*", help="key=value for the UNet run (main.py)")
     return p.parse_args(argv)
+
+
+PHOTO_CONTEXTS = ("grass", "table")  # the subjects' photos; the other contexts are new to them
+
+
+def write_photos(root: Path = ROOT / "data" / "toy", n: int = 5, seed: int = 0) -> None:
+    """data/toy/<subject>/: each subject's n "photos" for DreamBooth (the demo trains on the box)."""
+    for name in tw.SUBJECTS:
+        tw.write_subject_photos(root / name, name, n, seed, PHOTO_CONTEXTS)
 
 
 def render_world(folder: Path, n: int, seed: int) -> None:
@@ -111,13 +123,16 @@ def init_checkpoint(path: Path, model_cfg, vae: torch.nn.Module, seed: int) -> N
 
 def main(argv: list[str] | None = None) -> int:
     opt = parse_args(argv)
+    if opt.photos:
+        write_photos()
+        return 0
     work = Path(opt.work)
     figures: dict = {}
     start = time.perf_counter()
     render_world(work / "world", opt.world, opt.seed)
     figures["render_s"] = time.perf_counter() - start
 
-    model_cfg = OmegaConf.load(BASE).model
+    model_cfg = read_config_file(BASE).model
     vae, vae_figures = train_vae(opt, model_cfg, work / "world")
     figures.update(vae=vae_figures, vae_s=time.perf_counter() - start - figures["render_s"])
     scale = round(1.0 / vae_figures["latent_std"], 5)
@@ -141,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     if export.main(["--ckpt", str(RunDir(run).last), "--out", opt.out, "--half"]) != 0:
         return 1
     figures["total_s"] = time.perf_counter() - start
+    if Path(opt.evaluator).is_file():  # the base's own samples, read by the evaluator
+        model = load_model(model_cfg, opt.out)[0].float().eval()
+        base = toy.evaluate_base(model, toy.load_toy_evaluator(opt.evaluator), seed=opt.seed)
+        figures["base"] = {k: round(v, 3) for k, v in base.items()}
     print(json.dumps(figures, indent=2))
     print(f"scale_factor {scale}: configs/toy/base.yaml must say the same")
     return 0

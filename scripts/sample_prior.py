@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointError, load_model_from_config
+from ldm.config_files import read_config_file
 from ldm.data.dreambooth import DEFAULT_CLASS_TEMPLATE, format_prompt
 from ldm.sample import prepare_for_sampling
 from ldm.train import distributed
@@ -30,7 +30,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml")
     p.add_argument("--ckpt", required=True, help="base weights (.ckpt / .safetensors)")
     p.add_argument("--use_ema", action="store_true", help="take the model_ema.* UNet weights")
-    p.add_argument("--unsafe_load", action="store_true", help="allow arbitrary unpickling")
+    p.add_argument(
+        "--unsafe_load",
+        action="store_true",
+        help="trust the files: arbitrary unpickling, any config target",
+    )
     p.add_argument("--class_word", required=True, help="the class noun, e.g. dog")
     p.add_argument("--template", default=DEFAULT_CLASS_TEMPLATE, help="prompt with {class}")
     p.add_argument("--outdir", required=True, help="the class folder to fill")
@@ -45,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--precision", default=None, help="32, bf16 or autocast (default: autocast on CUDA)"
     )
     p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument(
+        "--capture", action="store_true", help="the guided UNet call as a CUDA graph (unverified)"
+    )
     return p.parse_args(argv)
 
 
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         env = distributed.setup(args.device)
         precision = args.precision or default_precision(env.device)
         model = load_model_from_config(
-            OmegaConf.load(args.config), args.ckpt, args.use_ema, args.unsafe_load
+            read_config_file(args.config), args.ckpt, args.use_ema, args.unsafe_load
         )
         model = prepare_for_sampling(model, env.device, precision)
         prior = PriorConfig(
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         class_prompt = format_prompt(args.template, "", args.class_word)
         wrote = sample_class_images(
             model, args.outdir, class_prompt, prior, args.size, precision,
-            todo[env.rank :: env.world_size], progress=env.is_main,
+            todo[env.rank :: env.world_size], progress=env.is_main, capture=args.capture,
         )  # fmt: skip
         distributed.barrier(env)
         if env.is_main:

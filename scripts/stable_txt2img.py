@@ -14,15 +14,15 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from torchvision.utils import make_grid
 from tqdm import tqdm, trange
 
 from ldm.checkpoint import load_model_from_config
+from ldm.config_files import read_config_file
 from ldm.formats.kohya import apply_lora_files
-from ldm.sample import generate, prepare_for_sampling, seeded_noise, to_pil
+from ldm.sample import generate, prepare_for_sampling, save_png, seeded_noise, to_pil
 from ldm.util import default_precision, size_multiple
 
 # The DDIM step noise (eta > 0) gets its own seed stream, apart from the start codes' seed + k.
@@ -48,7 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a LoRA file in the kohya/webui layout, merged with WEIGHT (default 1); repeatable",
     )
     p.add_argument("--use_ema", action="store_true", help="take the model_ema.* UNet weights")
-    p.add_argument("--unsafe_load", action="store_true", help="allow arbitrary unpickling")
+    p.add_argument(
+        "--unsafe_load",
+        action="store_true",
+        help="trust the files: arbitrary unpickling, any config target",
+    )
     p.add_argument("--outdir", default="outputs/txt2img-samples")
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--ddim_eta", type=float, default=0.0)
@@ -72,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip_grid", action="store_true")
     p.add_argument("--skip_save", action="store_true", help="write the grid only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--capture", action="store_true", help="the guided UNet call as a CUDA graph (unverified)"
+    )
     opt = p.parse_args(argv)
     opt.n_rows = opt.n_rows or opt.n_samples
     opt.precision = opt.precision or default_precision(opt.device)
@@ -82,11 +89,10 @@ def load_config(path: str) -> DictConfig:
     """The `model` section of a YAML config; anything unusable is a ValueError naming the file."""
     if not Path(path).is_file():
         raise ValueError(f"--config {path}: no such file")
-    try:
-        return OmegaConf.load(path).model
-    except (yaml.YAMLError, OmegaConfBaseException) as e:
-        reason = str(e).strip().splitlines()[0]
-        raise ValueError(f"--config {path}: not a model config ({reason})") from None
+    config = read_config_file(path)  # bounded, no interpolations: ConfigError naming the file
+    if not isinstance(config.get("model"), DictConfig):
+        raise ValueError(f"--config {path}: not a model config (no 'model' section)")
+    return config.model
 
 
 def check_options(opt: argparse.Namespace, config: DictConfig) -> None:
@@ -182,10 +188,11 @@ def sample_all(
                 precision=opt.precision,
                 generator=generator,
                 verbose=True,
+                capture=opt.capture,
             ).cpu()
             if not opt.skip_save:
                 for image in to_pil(images):
-                    image.save(sample_dir / f"{count:05}.png")
+                    save_png(image, sample_dir / f"{count:05}.png")
                     count += 1
             if not opt.skip_grid:
                 all_images.append(images)
@@ -197,7 +204,7 @@ def save_grid(all_images: list[torch.Tensor], opt: argparse.Namespace) -> None:
     outdir = Path(opt.outdir)
     number = next_index(outdir, r"grid-(\d+)\.png")
     grid = make_grid(torch.cat(all_images), nrow=opt.n_rows)  # nrow: images per row
-    to_pil(grid[None])[0].save(outdir / f"grid-{number:04}.png")
+    save_png(to_pil(grid[None])[0], outdir / f"grid-{number:04}.png")
 
 
 def main(argv: list[str] | None = None) -> int:

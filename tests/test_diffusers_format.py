@@ -130,6 +130,10 @@ def _broken(folder, tmp_path, case: str):
         config = json.loads((path / "unet" / "config.json").read_text())
         config["attention_head_dim"] = 4
         (path / "unet" / "config.json").write_text(json.dumps(config))
+    elif case == "huge config":
+        config = json.loads((path / "unet" / "config.json").read_text())
+        config["padding"] = "x" * 2**20
+        (path / "unet" / "config.json").write_text(json.dumps(config))
     elif case == "extra tensor":
         from safetensors.torch import load_file, save_file
 
@@ -146,6 +150,7 @@ def _broken(folder, tmp_path, case: str):
         ("no unet weights", "v1", "unet: no weights (diffusion_pytorch_model.safetensors"),
         ("other heads", "v1", "does not match the config: unet.heads [4, 4] vs [2, 2]"),
         ("extra tensor", "v1", "1 unexpected keys (vae/encoder.extra.weight)"),
+        ("huge config", "v1", "unet/config.json: larger than 1048576 bytes; refused"),
         ("as is", "v2", "the folder is SD v1 (CLIP text encoder) but the config builds SD v2"),
     ],
 )

@@ -93,3 +93,26 @@ def test_caption_dropout_is_keyed_by_position(tmp_path):
     b = PositionDataset(dataset, 5, (4, 8, 8), 1000)[3]
     assert torch.equal(a["instance_t"], b["instance_t"])
     assert torch.equal(a["instance_noise"], b["instance_noise"])
+
+
+def test_noise_offset_shifts_each_channel_and_keeps_the_other_draws(tmp_path):
+    tw.write_world(tmp_path / "world", 4, seed=0)
+    dataset = DreamBoothDataset(tmp_path / "world", "sks", None, size=64, captions=True)
+    plain = PositionDataset(dataset, 5, (4, 8, 8), 1000)[3]
+    offset = PositionDataset(dataset, 5, (4, 8, 8), 1000, noise_offset=0.1)[3]
+    shift = offset["instance_noise"] - plain["instance_noise"]  # [4, 8, 8]
+    assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift), atol=1e-6)
+    assert 0 < shift[:, 0, 0].abs().max() < 0.5
+    for key in ("instance_t", "instance_eps", "instance_prompt"):
+        assert torch.equal(offset[key], plain[key])
+
+
+def test_timesteps_are_uniform_over_the_whole_schedule(tmp_path):
+    """The short DreamBooth test (test_toy_dreambooth.py) still passes when only small timesteps
+    are trained (the colour it reads is set late in sampling), so the range is checked here."""
+    tw.write_world(tmp_path / "world", 4, seed=0)
+    dataset = DreamBoothDataset(tmp_path / "world", "sks", None, size=64, captions=True)
+    positions = PositionDataset(dataset, 5, (4, 8, 8), 1000)
+    t = torch.stack([positions[i]["instance_t"] for i in range(3000)]).float()
+    assert t.min() < 10 and t.max() > 990
+    assert abs(t.mean().item() - 499.5) < 20 and abs(t.std().item() - 288.7) < 15

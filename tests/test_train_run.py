@@ -178,7 +178,8 @@ def test_demo_command_end_to_end(tmp_path):
     command = [
         sys.executable, "main.py", "--base", "configs/dreambooth/demo.yaml", "-t", "-l", str(tmp_path / "logs"),
         f"data.class_root={tmp_path / 'class'}", "prior.num_class_images=2", "train.max_steps=4",
-        "train.save_every=2", "train.val_every=2", "train.sample.every=4", "train.sample.ddim_steps=2",
+        "train.save_every=2", "train.keep_last=2", "train.val_every=2", "train.sample.every=4",
+        "train.sample.ddim_steps=2",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -27,6 +27,9 @@ from torch.utils.data import Dataset
 from ldm.data.images import DataError, check_image_folder, image_to_tensor, load_rgb, resize_crop
 
 CAPTION_EXTENSION = ".txt"
+# A caption is a sentence or a list of tags (CLIP reads 77 tokens of it); a longer file is not
+# one, and reading it whole could take any amount of memory (a link to /dev/zero has no end).
+MAX_CAPTION_BYTES = 65_536
 DEFAULT_INSTANCE_TEMPLATE = "a photo of {token} {class}"
 DEFAULT_CLASS_TEMPLATE = "a photo of {class}"
 TEMPLATE_FIELDS = ("token", "class")
@@ -52,12 +55,18 @@ def read_caption(image: Path) -> str:
     """The caption of `image`: its `.txt` sidecar, whitespace folded to single spaces."""
     path = image.with_suffix(CAPTION_EXTENSION)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CAPTION_BYTES + 1)
     except FileNotFoundError:
         raise DataError(image, f"no caption file {path.name} (data.captions is on)") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise DataError(path, exc) from exc
-    return " ".join(text.split())
+    if len(data) > MAX_CAPTION_BYTES:
+        raise DataError(path, f"over {MAX_CAPTION_BYTES} bytes; a caption is a line of text")
+    try:
+        return " ".join(data.decode("utf-8").split())
+    except UnicodeDecodeError as exc:
+        raise DataError(path, exc) from exc
 
 
 class ItemPlan(NamedTuple):

@@ -6,6 +6,8 @@ through `list_images` and `load_rgb`, so they all agree on what an image is and 
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,14 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# The decoders those extensions need. A file is decoded by its content, whatever its name, so
+# anything else (an EPS named 00.jpg would go to Ghostscript) is refused before a decoder runs.
+# (Phones' multi-picture JPEGs open through the JPEG decoder, as MPO.)
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+# Pixels a photo may have (checked from its header, before decoding): 64 Mpx covers 61 Mpx
+# cameras, and keeps one decoded image under about 1 GB through the conversions below, far
+# below Pillow's own limit (a warning at 89 Mpx, an error at 179 Mpx).
+MAX_IMAGE_PIXELS = 64_000_000
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
 # Pillow opens 16-bit grayscale as I;16*, and some older files and writers as 32-bit "I".
@@ -24,11 +34,13 @@ _DECODE_ERRORS = (
     SyntaxError,
     EOFError,
     Image.DecompressionBombError,
+    Image.DecompressionBombWarning,  # raised as an error in load_rgb
 )
 
 
 class DataError(ValueError):
-    """Training data that can't be used. The message is one line: the file or folder, then why."""
+    """Training data (or a file in a folder the code writes to) that can't be used. The message is
+    one line: the file or folder, then why."""
 
     def __init__(self, where: str | Path, reason: object) -> None:
         # Decoder messages sometimes span lines; the user should see exactly one.
@@ -62,14 +74,44 @@ def load_rgb(path: str | Path) -> Image.Image:
 
     Transparent pixels become white, 16-bit grayscale is scaled (not clipped) to 8 bits, and
     CMYK, LAB, palette, 1-bit and grayscale images are converted. Raises DataError naming the file if
-    it can't be read.
+    it can't be read, is not one of IMAGE_FORMATS, or has more than MAX_IMAGE_PIXELS pixels.
     """
     try:
-        with Image.open(path) as image:
-            image.load()  # open() reads only the header; truncation shows when decoding
-            return _to_rgb(ImageOps.exif_transpose(image))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=IMAGE_FORMATS) as image:
+                _check_pixels(image)
+                image.load()  # open() reads only the header; truncation shows when decoding
+                return _to_rgb(ImageOps.exif_transpose(image))
+    except Image.UnidentifiedImageError as exc:
+        raise DataError(path, f"not a {', '.join(IMAGE_FORMATS)} image ({exc})") from exc
     except _DECODE_ERRORS as exc:
         raise DataError(path, exc) from exc
+
+
+def _check_pixels(image: Image.Image) -> None:
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{width} x {height} pixels is over the limit of {MAX_IMAGE_PIXELS / 1e6:g} megapixels "
+            "(ldm.data.images.MAX_IMAGE_PIXELS); refused before decoding: downscale the photo"
+        )
+
+
+class ImageFiles(Sequence):
+    """Image files that decode when indexed (`load_rgb`), so a folder of large photos is never
+    held decoded all at once; a slice decodes only its own images."""
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [load_rgb(p) for p in self.paths[index]]
+        return load_rgb(self.paths[index])
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -86,11 +128,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
     # convert("L") would clip at 255, turning every 16-bit value above 255 into white.
-    pixels = np.asarray(image, dtype=np.float64)
+    pixels = np.asarray(image)  # uint16 for I;16*, int32 for I: integers, never a float copy
     if pixels.min() < 0 or pixels.max() > 65535:
         raise ValueError(f"{image.mode} pixels outside the 16-bit range 0..65535")
-    # 65535 / 257 == 255, so full scale maps to full scale.
-    return Image.fromarray(np.rint(pixels / 257).astype(np.uint8)).convert("RGB")
+    # round(p / 257) in integers (p / 257 is never exactly half-way); 65535 / 257 == 255, so
+    # full scale maps to full scale.
+    scaled = pixels.astype(np.int32)
+    scaled += 128
+    scaled //= 257
+    return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
 
 
 def check_image_folder(folder: str | Path) -> list[Path]:

@@ -119,13 +119,14 @@ def caption(s: Scene, rng: np.random.Generator, p_colour: float = 0.3, p_context
     with the given probabilities, as real captions leave details out."""
     if s.subject is not None:
         raise ValueError("subjects have no caption of their own: DreamBooth gives them one")
-    words = ["a photo of a"]
+    words = []
     if rng.random() >= p_colour:
         words.append(s.colour)
     words.append(s.cls)
     if rng.random() >= p_context:
         words.append(CONTEXTS[s.context])
-    return " ".join(words)
+    article = "an" if words[0][0] in "aeiou" else "a"
+    return " ".join(["a photo of", article, *words])
 
 
 def full_caption(s: Scene) -> str:

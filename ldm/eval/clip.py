@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.checkpoint_rules import check_torch_zip
 from ldm.eval.weights import require_file
 
 DEFAULT_ARCH = "ViT-B-32"
@@ -74,6 +75,8 @@ def load_clip(
     # Absolute, so a file named like a download tag (e.g. "openai") can't be taken for the tag.
     hint = clip_weights_hint(arch)
     path = require_file(path, hint).resolve()
+    if path.suffix != ".safetensors":  # open_clip reads it (weights_only); no zip bomb first
+        check_torch_zip(path)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=str(path), force_quick_gelu=quick_gelu, device=device

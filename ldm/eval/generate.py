@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ldm.data.images import load_rgb
 from ldm.sample import generate, save_png, seeded_noise, to_pil
-from ldm.util import keyed_seed
+from ldm.util import keyed_seed, open_append
 
 INDEX = "index.jsonl"
 
@@ -119,7 +119,7 @@ def generate_images(
     shape = model.latent_shape(settings.height, settings.width)
     outdir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc=f"generating into {outdir}", disable=not progress)
-    with open(outdir / INDEX, "a") as index:
+    with open_append(outdir / INDEX) as index:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             images = generate(

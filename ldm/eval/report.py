@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ldm.checkpoint import save_text
+
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 HEADERS = {
     "dino": "DINO ↑",
@@ -70,8 +72,8 @@ def from_json(metrics: Mapping[str, float | None]) -> dict[str, float]:
 
 
 def write_report(outdir: str | Path, report: Mapping, markdown: str, name: str = "report") -> None:
-    """`name.json` and `name.md` in `outdir`."""
+    """`name.json` and `name.md` in `outdir`, each written whole and renamed into place (so a
+    link planted in a shared folder is replaced, never written through)."""
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / f"{name}.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    (outdir / f"{name}.md").write_text(markdown + "\n")
+    save_text(json.dumps(report, indent=2, allow_nan=False) + "\n", outdir / f"{name}.json")
+    save_text(markdown + "\n", outdir / f"{name}.md")

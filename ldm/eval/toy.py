@@ -26,12 +26,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.checkpoint import load_state_into, read_checkpoint
+from ldm.checkpoint import load_model, load_state_into, read_checkpoint
 from ldm.data import toyworld as tw
 from ldm.sample import generate, seeded_noise, to_pil
 from ldm.util import keyed_seed
 
 NONE = "none"
+ROOT = Path(__file__).resolve().parents[2]
+BASE_CONFIG = ROOT / "configs" / "toy" / "base.yaml"
+BASE_WEIGHTS = ROOT / "models" / "toy" / "base.safetensors"
+EVALUATOR_WEIGHTS = ROOT / "models" / "toy" / "evaluator.safetensors"
 HEADS = {
     "cls": tw.CLASSES,
     "context": tuple(tw.CONTEXTS),
@@ -166,7 +170,16 @@ def labels_of(scene: tw.Scene) -> dict[str, int]:
     }
 
 
-def load_toy_evaluator(path: str | Path, batch_size: int = 64) -> ToyEvaluator:
+def load_toy_base(path: str | Path = BASE_WEIGHTS, config: str | Path = BASE_CONFIG):
+    """The toy base model (or a checkpoint of the same architecture), strictly loaded, in fp32
+    and eval mode."""
+    from ldm.config_files import read_config_file  # the evaluator alone needs no config machinery
+
+    model, _, _ = load_model(read_config_file(config).model, path)
+    return model.float().eval()
+
+
+def load_toy_evaluator(path: str | Path = EVALUATOR_WEIGHTS, batch_size: int = 64) -> ToyEvaluator:
     """The classifier from its weight file (strict, through the checkpoint loader)."""
     net = ToyWorldClassifier()
     source, _ = read_checkpoint(path)

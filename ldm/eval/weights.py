@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ldm.checkpoint_rules import check_tensors, check_torch_zip
+
 DINO_VITS16_URL = (
     "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
 )
@@ -32,12 +34,15 @@ def require_file(path: str | Path, url: str) -> Path:
 
 
 def load_state_dict_file(path: str | Path, url: str) -> dict[str, torch.Tensor]:
-    """Load a plain state dict (`.pth`/`.pt`/`.bin` or `.safetensors`) onto the CPU, tensors only."""
+    """Load a plain state dict (`.pth`/`.pt`/`.bin` or `.safetensors`) onto the CPU, tensors only,
+    under the rules any checkpoint obeys (ldm.checkpoint_rules): a weight file is someone else's."""
     path = require_file(path, url)
     if path.suffix == ".safetensors":
-        state_dict = load_file(path, device="cpu")
+        state_dict = load_file(path, device="cpu")  # the library checks the format's rules
     else:
+        check_torch_zip(path)
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        check_tensors(path, state_dict)
     if not isinstance(state_dict, dict) or not all(
         isinstance(v, torch.Tensor) for v in state_dict.values()
     ):

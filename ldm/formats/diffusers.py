@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.checkpoint import CheckpointError, LazyTensors, read_checkpoint
+from ldm.config_files import MAX_CONFIG_BYTES
 from ldm.formats.diffusers_config import (
     BETA_SCHEDULES,
     DIFFUSERS_VERSION,
@@ -58,6 +59,9 @@ _SCHEDULES = {d: c for c, d in BETA_SCHEDULES.items()}
 
 
 def _json(path: Path) -> dict:
+    # A folder may come from anyone: bounded like every config read from a file.
+    if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; refused")
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

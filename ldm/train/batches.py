@@ -87,9 +87,10 @@ class PositionDataset(Dataset):
         num_timesteps: int,
         cache: LatentCache | None = None,
         caption_dropout: float = 0.0,
+        noise_offset: float = 0.0,
     ):
         self.dataset, self.seed, self.cache = dataset, seed, cache
-        self.caption_dropout = caption_dropout
+        self.caption_dropout, self.noise_offset = caption_dropout, noise_offset
         self.latent_shape, self.num_timesteps = latent_shape, num_timesteps
         self.kinds = KINDS if dataset.with_prior else KINDS[:1]
         self._order: tuple[int, list[int]] = (-1, [])
@@ -123,6 +124,9 @@ class PositionDataset(Dataset):
             item[f"{kind}_t"] = torch.randint(0, self.num_timesteps, (), generator=generator)
             item[f"{kind}_noise"] = torch.randn(self.latent_shape, generator=generator)
             item[f"{kind}_eps"] = torch.randn(self.latent_shape, generator=generator)
+            if self.noise_offset:  # drawn last: without it the other draws are unchanged
+                offset = torch.randn(self.latent_shape[0], 1, 1, generator=generator)
+                item[f"{kind}_noise"] += self.noise_offset * offset
             item[f"{kind}_prompt"] = torch.tensor(self._prompt_id(kind, image, position))
         return item
 

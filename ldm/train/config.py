@@ -12,7 +12,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.util import size_multiple
+from ldm.config_files import read_config_file
+from ldm.util import ConfigError, size_multiple
 
 TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding", "lora", "text_encoder_lora")
 # Layers LoRA may adapt: in the UNet's transformer blocks, and in the CLIP text encoder's layers.
@@ -27,10 +28,6 @@ LORA_TARGETS = (
     "proj_out",
 )
 LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp.fc1", "mlp.fc2")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one line."""
 
 
 @dataclass
@@ -122,6 +119,9 @@ class TrainConfig:
     precision: str = "bf16"  # 32 | bf16 | 16 (fp16 with a GradScaler)
     trainable: list[str] = field(default_factory=lambda: ["unet"])
     prior_loss_weight: float = 1.0  # lambda; 0 turns prior preservation off
+    # "Offset noise": each latent channel's noise shifted by noise_offset * N(0, 1), so x_T's
+    # channel means stop telling the model the image's mean colour (0 = the paper's noise)
+    noise_offset: float = 0.0
     seed: int = 23
     log_every: int = 10
     val_every: int = 100  # 0 disables validation (and best.ckpt)
@@ -141,6 +141,7 @@ class TrainConfig:
     fused_backward: bool = False  # optimizer step inside backward, per parameter
     channels_last: bool = False
     compile: bool = False
+    capture: bool = False  # CUDA graphs: step, class images, grids (unverified: captured.py)
 
 
 @dataclass
@@ -161,13 +162,7 @@ def load_config(
     """Merge the schema defaults, the YAML files in order, flag values (dotted keys), then the
     `key.path=value` overrides; validate and return the resolved config."""
     configs = [OmegaConf.structured(RunSchema)]
-    for base in bases:
-        if not Path(base).is_file():
-            raise ConfigError(f"{base}: no such config file")
-        try:
-            configs.append(OmegaConf.load(base))
-        except (OmegaConfBaseException, ValueError) as e:
-            raise ConfigError(f"{base}: {_one_line(e)}") from None
+    configs += [read_config_file(base) for base in bases]  # bounded, no interpolations
     return merge_overrides(configs, overrides, flags)
 
 
@@ -257,6 +252,7 @@ def value_checks(cfg: DictConfig) -> dict[str, bool]:
         "train.lora.alpha": t.lora.alpha is None or t.lora.alpha > 0,
         "train.lora.dropout": 0.0 <= t.lora.dropout < 1.0,
         "train.prior_loss_weight": t.prior_loss_weight >= 0,
+        "train.noise_offset": 0.0 <= t.noise_offset < 1.0,
         "train.sample.every": t.sample.every >= 0,
         "train.sample.n_per_prompt": t.sample.n_per_prompt > 0,
         "train.sample.ddim_steps": 0 < t.sample.ddim_steps <= timesteps,

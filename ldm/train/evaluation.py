@@ -9,6 +9,7 @@ from torchvision.utils import make_grid
 
 from ldm.data.dreambooth import DreamBoothDataset, format_prompt
 from ldm.data.images import image_to_tensor, load_rgb, resize_crop
+from ldm.models.diffusion.captured import release_graphs
 from ldm.sample import generate, seeded_noise
 from ldm.util import autocast, keyed_seed
 
@@ -81,9 +82,11 @@ class Validation:
 
 @torch.no_grad()
 def sample_grid(
-    model, sample_cfg, token: str, class_word: str, size: int, precision: str
+    model, sample_cfg, token: str, class_word: str, size: int, precision: str, capture=False
 ) -> torch.Tensor:
-    """A grid [3, H, W] in [0, 1]: one row per prompt, `n_per_prompt` fixed seeds per row."""
+    """A grid [3, H, W] in [0, 1]: one row per prompt, `n_per_prompt` fixed seeds per row.
+    `capture`: DDIM replays a CUDA graph, freed after the grid (its memory is not held between
+    grids, and recording it again costs about one step)."""
     prompts = [format_prompt(p, token, class_word) for p in sample_cfg.prompts]
     n = sample_cfg.n_per_prompt
     seeds = [sample_cfg.seed + j for _ in prompts for j in range(n)]
@@ -96,5 +99,7 @@ def sample_grid(
             ddim_steps=sample_cfg.ddim_steps,
             scale=sample_cfg.scale,
             precision=precision,
+            capture=capture,
         )
+    release_graphs(model)
     return make_grid(images.cpu(), nrow=n)

@@ -2,7 +2,7 @@
 one row per optimizer step. Only rank 0 logs; the other ranks get a logger that does nothing."""
 
 import csv
-import os
+import io
 import resource
 import sys
 import time
@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from ldm.checkpoint import save_text
+from ldm.util import open_append
 
 PER_STEP = ("step", "loss", "loss_instance", "loss_prior", "lr", "grad_norm", "skipped")
 
@@ -51,7 +54,7 @@ class RunLogger:
         new_file = not (root / "metrics.csv").exists()
         if not new_file:
             _truncate_csv(root / "metrics.csv", start_step)
-        self.csv_file = open(root / "metrics.csv", "a", newline="")
+        self.csv_file = open_append(root / "metrics.csv", newline="")
         self.csv = csv.writer(self.csv_file)
         if new_file:
             self.csv.writerow(PER_STEP)
@@ -112,15 +115,18 @@ class RunLogger:
 
 
 def _truncate_csv(path: Path, step: int) -> None:
-    """Drop the rows after `step`: a run resumed from an older checkpoint logs them again."""
+    """Drop the rows after `step`: a run resumed from an older checkpoint logs them again.
+    Rewritten through a fresh temporary file (save_text); a planted link is left to
+    open_append, which refuses it."""
+    if path.is_symlink():
+        return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
     if len(kept) < len(rows):
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(kept)
+        save_text(text.getvalue(), path)
 
 
 def _to_host(pending: list[dict]) -> list[dict]:

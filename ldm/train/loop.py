@@ -7,8 +7,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
+from ldm.sample import save_png, to_pil
 from ldm.train import distributed
 from ldm.train.batches import concat, latents_of
 from ldm.train.distributed import DistEnv
@@ -96,11 +96,16 @@ def train_step(session: Session, cfg, env: DistEnv) -> dict:
     """One optimizer step (all its micro-steps) and the EMA; the step's numbers, on device."""
     s, tc = session, cfg.train
     lr = s.scheduler.get_last_lr()[0]
-    instance, prior, loss_finite = micro_steps(
-        s.ddp, s.model, s.batches, s.cond_of, s.scaler, cfg, env, s.kinds
-    )
-    grad_norm, finite = optimizer_step(s.optimizer, s.scaler, s.scheduler, s.params, tc.grad_clip)
-    finite = finite and loss_finite
+    if s.captured is not None:  # train.capture: the same step, replayed as a CUDA graph
+        instance, prior, grad_norm, finite = s.captured.step(micro_steps)
+    else:
+        instance, prior, loss_finite = micro_steps(
+            s.ddp, s.model, s.batches, s.cond_of, s.scaler, cfg, env, s.kinds
+        )
+        grad_norm, finite = optimizer_step(
+            s.optimizer, s.scaler, s.scheduler, s.params, tc.grad_clip
+        )
+        finite = finite and loss_finite
     s.state.step += 1
     if finite:
         s.state.nonfinite_run = 0
@@ -218,9 +223,10 @@ def log_samples(cfg, run: RunDir, session: Session, logger: RunLogger) -> None:
         ema.store(trained)
         ema.copy_to(model.model)
     grid = sample_grid(
-        model, tc.sample, cfg.data.token, cfg.data.class_word, cfg.data.size, tc.precision
-    )
+        model, tc.sample, cfg.data.token, cfg.data.class_word, cfg.data.size, tc.precision,
+        capture=tc.capture,
+    )  # fmt: skip
     if swap:
         ema.restore(trained)
-    save_image(grid, run.images / f"step={step:06d}.png")
+    save_png(to_pil(grid[None])[0], run.images / f"step={step:06d}.png")
     logger.image("samples", grid, step)

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ldm.data.images import list_images
+from ldm.models.diffusion.captured import release_graphs
 from ldm.sample import generate, save_png, seeded_noise, to_pil
 
 
@@ -34,10 +35,12 @@ def sample_class_images(
     indices: list[int],
     progress: bool = True,
     should_stop=lambda: False,
+    capture: bool = False,
 ) -> int:
     """Sample `prior_{i:05d}.png` for each index (from `missing_indices`, or this rank's share
     of them: every rank lists the folder before any rank writes); returns how many it wrote.
-    `should_stop()` is asked before each batch: true ends the sampling early (a stop signal)."""
+    `should_stop()` is asked before each batch: true ends the sampling early (a stop signal).
+    `capture`: the guided UNet call replays a CUDA graph (freed when the sampling ends)."""
     class_root = Path(class_root)
     class_root.mkdir(parents=True, exist_ok=True)
     todo = list(indices)
@@ -60,10 +63,12 @@ def sample_class_images(
             scale=prior_cfg.scale,
             negative_prompt=prior_cfg.negative_prompt,
             precision=precision,
+            capture=capture,
         )
         for i, image in zip(indices, to_pil(images)):
             save_png(image, class_root / f"prior_{i:05d}.png")
         bar.update(len(indices))
         wrote += len(indices)
     bar.close()
+    release_graphs(model)
     return wrote

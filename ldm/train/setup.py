@@ -17,6 +17,7 @@ from ldm.data.dreambooth import DreamBoothDataset, format_prompt
 from ldm.modules.ema import LitEma
 from ldm.train import distributed
 from ldm.train.batches import LatentCache, PositionDataset, PositionSampler, stack_batch
+from ldm.train.captured import captured_step
 from ldm.train.config import ConfigError, uses_prior
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import Validation
@@ -83,13 +84,13 @@ def build_model(cfg, resume: Resume | None, unsafe_load: bool) -> nn.Module:
     try:
         if resume is not None:
             with empty_parameters():
-                model = instantiate_from_config(cfg.model)
+                model = instantiate_from_config(cfg.model, unsafe=unsafe_load)
             load_state_into(model, resumed_weights(resume.source, resume.extras), path=resume.path)
             return model
         tc = cfg.train
         if tc.actual_resume is None:
             torch.manual_seed(tc.seed)
-            return instantiate_from_config(cfg.model)
+            return instantiate_from_config(cfg.model, unsafe=unsafe_load)
         return load_model(cfg.model, tc.actual_resume, tc.use_ema_weights, unsafe_load)[0]
     except (CheckpointError, ConfigError):
         raise
@@ -154,6 +155,7 @@ def prepare(
         wrote = sample_class_images(
             model, dc.class_root, class_prompt, cfg.prior, dc.size, tc.precision,
             todo[env.rank :: env.world_size], progress=env.is_main, should_stop=should_stop,
+            capture=tc.capture,
         )  # fmt: skip
         if wrote:
             logger.message(f"sampled {wrote} class images into {dc.class_root} (rank {env.rank})")
@@ -196,7 +198,13 @@ def make_loader(cfg, env, model, dataset, cache, start_step: int) -> DataLoader:
     tc = cfg.train
     latent_shape = model.latent_shape(cfg.data.size, cfg.data.size)
     positions = PositionDataset(
-        dataset, tc.seed, latent_shape, model.num_timesteps, cache, cfg.data.caption_dropout
+        dataset,
+        tc.seed,
+        latent_shape,
+        model.num_timesteps,
+        cache,
+        cfg.data.caption_dropout,
+        tc.noise_offset,
     )
     sampler = PositionSampler(
         env.rank, env.world_size, tc.batch_size, start=start_step * tc.accumulate_grad_batches
@@ -309,6 +317,7 @@ class Session:
     validation: Validation | None
     frozen_state: dict
     state: TrainState
+    captured: object = None  # ldm.train.captured.CapturedStep when train.capture applies
 
 
 def setup(
@@ -359,7 +368,9 @@ def setup(
             gradient_as_bucket_view=True,
         )
     batches = iter(make_loader(cfg, env, model, dataset, cache, state.step))
-    return Session(
+    session = Session(
         model, ddp, optimizer, scheduler, scaler, trained_parameters(model), batches, cond_of,
         kinds, ema, text_ema, validation, frozen_state, state,
     )  # fmt: skip
+    session.captured = captured_step(session, cfg, env, logger)
+    return session

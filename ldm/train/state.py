@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import EMA_PREFIX, SaveError, half_precision, save_checkpoint, save_text
+from ldm.util import ConfigError
 
 STEP_CHECKPOINT = re.compile(r"^step=(\d{6,})\.ckpt$")
 
@@ -98,11 +99,18 @@ def claim_run_dir(logdir: str | Path, name: str) -> RunDir:
 
 
 def run_dir_of(resume: str | Path) -> tuple[RunDir, Path]:
-    """`-r` takes a run folder (its last.ckpt) or a checkpoint inside one."""
+    """`-r` takes a run folder (its last.ckpt) or a checkpoint in a run's `checkpoints/`. A
+    checkpoint anywhere else is refused: its folder two levels up would become the run folder,
+    where resuming creates folders and prunes `step=*.ckpt` files."""
     path = Path(resume)
-    if path.suffix == ".ckpt":
-        return RunDir(path.parent.parent), path
-    return RunDir(path), path / "checkpoints" / "last.ckpt"
+    if path.suffix != ".ckpt" and not path.is_file():
+        return RunDir(path), RunDir(path).last
+    if path.parent.name != "checkpoints":
+        raise ConfigError(
+            f"-r {path}: not in a run folder's checkpoints/; resume takes a run folder or "
+            "RUN/checkpoints/*.ckpt (to start from other weights use --actual_resume)"
+        )
+    return RunDir(path.parent.parent), path
 
 
 def rng_state() -> dict:
