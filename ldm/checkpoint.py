@@ -41,7 +41,25 @@ class SaveError(RuntimeError):
     """A file or folder that cannot be written (no space, no permission); one line naming it."""
 
 
-class SafetensorsFile(Mapping):
+class LazyTensors(Mapping):
+    """A state dict whose tensors are read one at a time, in the SD layout (a .safetensors file,
+    a diffusers folder): `shape` without reading, `read` into a dtype."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.read(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_model_config(self, model_config: Mapping) -> None:
+        """Raise CheckpointError when the source cannot be what `model_config` builds in ways
+        its keys and shapes do not show (a diffusers folder's configs); plain files cannot tell."""
+
+
+class SafetensorsFile(LazyTensors):
     """Lazy read access to a .safetensors file: the header is parsed and checked against the
     format's rules once (ldm.checkpoint_rules), and each tensor is read with plain file reads
     (no mmap, so nothing of the file stays resident)."""
@@ -49,9 +67,6 @@ class SafetensorsFile(Mapping):
     def __init__(self, path: Path):
         self.path = path
         self.entries, self.metadata, self.data_start = read_safetensors_header(path)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.read(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
@@ -94,8 +109,13 @@ def _load_pickle(path: Path, unsafe_load: bool) -> dict:
 
 def read_checkpoint(path: str | os.PathLike, unsafe_load: bool = False) -> tuple[Mapping, dict]:
     """(tensors, extras): the state dict as a lazy mapping, and everything else in the file
-    (`global_step`, training state, ...; for .safetensors the string metadata)."""
+    (`global_step`, training state, ...; for .safetensors the string metadata). A folder is read
+    as a diffusers model folder, in the SD layout."""
     path = Path(path)
+    if path.is_dir():
+        from ldm.formats.diffusers import DiffusersFolder  # it reads its files through this module
+
+        return DiffusersFolder(path, unsafe_load=unsafe_load), {}
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
@@ -162,7 +182,7 @@ def _source_keys(expected: Mapping, available: set[str], use_ema: bool, path) ->
 
 
 def _shape(source: Mapping, key: str) -> tuple[int, ...]:
-    return source.shape(key) if isinstance(source, SafetensorsFile) else tuple(source[key].shape)
+    return source.shape(key) if isinstance(source, LazyTensors) else tuple(source[key].shape)
 
 
 def load_state_into(
@@ -187,7 +207,7 @@ def load_state_into(
     state = {}
     for key, src in mapping.items():
         dtype = expected[key].dtype
-        if isinstance(source, SafetensorsFile):
+        if isinstance(source, LazyTensors):
             state[key] = source.read(src, dtype)
         else:
             state[key] = source[src].to(dtype)
@@ -224,6 +244,8 @@ def load_model(
     `unsafe_load` allows arbitrary unpickling and any config target). Returns the model, the
     checkpoint's lazy state dict and the file's other entries."""
     source, extras = read_checkpoint(ckpt, unsafe_load=unsafe_load)
+    if isinstance(source, LazyTensors):
+        source.check_model_config(model_config)
     with empty_parameters():
         model = instantiate_from_config(model_config, unsafe=unsafe_load)
     load_state_into(model, source, use_ema=use_ema, path=ckpt)

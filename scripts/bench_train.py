@@ -57,6 +57,8 @@ MATRIX = [
     ("bf16 +text fast", ["--text_encoder"]),
     ("bf16 +text balanced", ["--profile", "balanced", "--text_encoder"]),
     ("bf16 +text lean", ["--profile", "lean", "--text_encoder"]),
+    ("bf16 lora", ["--lora"]),
+    ("bf16 lora lean", ["--lora", "--profile", "lean"]),
 ]
 
 
@@ -73,6 +75,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--text_encoder", action="store_true", help="train the text encoder too")
     p.add_argument("--profile", default="fast", help="train.memory_profile: fast, balanced, lean")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters (train.lora) instead")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--no_cache", action="store_true", help="run the VAE every step")
     p.add_argument("--fused_backward", action="store_true", help="optimizer step inside backward")
@@ -89,7 +92,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def overrides(args, data: Path) -> list[str]:
-    trains = "[unet,text_encoder]" if args.text_encoder else "[unet]"
+    parts = ["lora", "text_encoder_lora"] if args.lora else ["unet", "text_encoder"]
+    trains = f"[{','.join(parts if args.text_encoder else parts[:1])}]"
     return [
         f"data.instance_root={data / 'instance'}",
         f"data.class_root={data / 'class'}",
@@ -181,7 +185,7 @@ def matrix() -> list[tuple[str, list[str]]]:
 
 
 def row(args, result: dict) -> str:
-    trains = "unet+text" if args.text_encoder else "unet"
+    trains = ("lora " if args.lora else "") + ("unet+text" if args.text_encoder else "unet")
     name = args.name or Path(args.base).stem
     return (
         f"| {name} | {args.size} | {args.batch}+{args.batch} | {args.precision} | {trains} | "

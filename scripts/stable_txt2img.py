@@ -21,6 +21,7 @@ from tqdm import tqdm, trange
 
 from ldm.checkpoint import load_model_from_config
 from ldm.config_files import read_config_file
+from ldm.formats.kohya import apply_lora_files
 from ldm.sample import generate, prepare_for_sampling, save_png, seeded_noise, to_pil
 from ldm.util import default_precision, size_multiple
 
@@ -34,7 +35,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from-file", help="a text file with one prompt per line")
     p.add_argument("--negative_prompt", default="", help="the guidance's unconditional prompt")
     p.add_argument("--config", default="configs/stable-diffusion/v1-inference.yaml")
-    p.add_argument("--ckpt", required=True, help="a .ckpt or .safetensors in the SD layout")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="a .ckpt or .safetensors in the SD layout, or a diffusers folder",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="a LoRA file in the kohya/webui layout, merged with WEIGHT (default 1); repeatable",
+    )
     p.add_argument("--use_ema", action="store_true", help="take the model_ema.* UNet weights")
     p.add_argument(
         "--unsafe_load",
@@ -138,6 +150,7 @@ def load_model(opt: argparse.Namespace, config: DictConfig) -> torch.nn.Module:
     model = load_model_from_config(
         {"model": config}, opt.ckpt, use_ema=opt.use_ema, unsafe_load=opt.unsafe_load
     )
+    apply_lora_files(model.state_dict(), config, opt.lora)  # merged in float32, before any cast
     return prepare_for_sampling(model, opt.device, opt.precision)
 
 

@@ -51,9 +51,16 @@ def poison_second_step(monkeypatch) -> None:
     monkeypatch.setattr(DreamBoothLoss, "forward", poisoned)
 
 
-@pytest.mark.parametrize("precision", ["32", "16"])
-def test_device_side_skip_gives_the_host_side_result(class_root, monkeypatch, precision):
-    cfg = small_config(class_root, f"train.precision={precision}", "train.ema.enabled=true")
+@pytest.mark.parametrize(
+    "precision, trainable", [("32", "[unet]"), ("16", "[unet]"), ("32", "[lora,text_encoder_lora]")]
+)
+def test_device_side_skip_gives_the_host_side_result(class_root, monkeypatch, precision, trainable):
+    cfg = small_config(
+        class_root,
+        f"train.precision={precision}",
+        f"train.trainable={trainable}",
+        "train.ema.enabled=true",
+    )
     poison_second_step(monkeypatch)
     eager, captured = eager_and_captured(cfg)
     weights = []

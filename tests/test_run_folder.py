@@ -9,10 +9,9 @@ import torch
 import main
 from ldm.checkpoint import load_model_from_config
 from ldm.train import state as run_state
-from ldm.train.evaluation import Validation
 from ldm.train.state import claim_run_dir
 
-from .train_helpers import TINY, metrics, small_overrides
+from .train_helpers import TINY, metrics, scripted_validation, small_overrides
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +28,6 @@ def train_cli(logdir, class_root, *extra: str) -> int:
     return main.main(
         ["-b", str(TINY), "-t", "-l", str(logdir), *small_overrides(class_root, *extra)]
     )
-
-
-def scripted_validation(monkeypatch, losses: dict[int, float]) -> None:
-    """Validation losses by step, so that the test decides where the best is."""
-    calls = {"n": 0}
-
-    def loss(self, model, precision):
-        calls["n"] += 1
-        return losses[calls["n"]]
-
-    monkeypatch.setattr(Validation, "loss", loss)
 
 
 def load(path):

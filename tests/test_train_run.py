@@ -2,8 +2,6 @@
 the command line and the demo."""
 
 import io
-import os
-import signal
 import subprocess
 import sys
 
@@ -14,13 +12,21 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import main
-from ldm.train import loop
 from ldm.train.config import load_config
 from ldm.train.prior import missing_indices, sample_class_images
 from ldm.train.state import run_dir_of
 
 from .conftest import ROOT, build_tiny, tiny_config
-from .train_helpers import TINY, base_checkpoint, metrics, small_config, small_overrides, weights
+from .train_helpers import (
+    TINY,
+    base_checkpoint,
+    full_and_resumed_runs,
+    metrics,
+    one_and_two_processes,
+    small_config,
+    small_overrides,
+    weights,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,26 +49,8 @@ def test_resume_after_a_stop_signal_reproduces_the_uninterrupted_run(
     tmp_path, class_root, monkeypatch
 ):
     extra = ("train.max_steps=4", "train.save_every=0", "train.ema.enabled=true", "data.flip_p=0.5")
-    assert train_cli(tmp_path / "full", class_root, *extra) == 0
-    full = only_run(tmp_path / "full")
-
-    periodic = loop.periodic
-
-    def signal_at_step_2(cfg, env, run, session, *args):
-        if session.state.step == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return periodic(cfg, env, run, session, *args)
-
-    monkeypatch.setattr(loop, "periodic", signal_at_step_2)
-    assert train_cli(tmp_path / "cut", class_root, *extra) == 0  # a stop signal exits cleanly
-    monkeypatch.setattr(loop, "periodic", periodic)
-    cut = only_run(tmp_path / "cut")
-    # The signal arrives during step 2's logging; the loop stops at its next check.
-    stopped = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert stopped in (2, 3) and len(metrics(cut)) == stopped
-
-    assert main.main(["-r", str(cut), "-t"]) == 0
-    assert metrics(cut) == metrics(full)  # per-step losses, lr, grad norms: bitwise as text
+    argv = ["-b", str(TINY), "-t", *small_overrides(class_root, *extra)]
+    full, cut = full_and_resumed_runs(tmp_path, argv, monkeypatch)
     resumed, uninterrupted = (
         weights(cut / "checkpoints" / "last.ckpt"),
         weights(full / "checkpoints" / "last.ckpt"),
@@ -84,20 +72,7 @@ def test_two_processes_of_batch_b_match_one_of_batch_2b(tmp_path, class_root):
         tmp_path / "base.ckpt", load_config([v2], small_overrides(class_root, *extra))
     )
     extra += ["train.lr=1e-3", "train.trainable=[unet,text_encoder]", f"train.actual_resume={base}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["-b", str(v2), "-t", "--device", "cpu", *small_overrides(class_root, *extra)]
-    one = [sys.executable, "main.py", "-l", str(tmp_path / "one"), *common, "train.batch_size=2"]
-    subprocess.run(one, cwd=ROOT, env=env, check=True, capture_output=True)
-    # --gpus starts one process per listed device through torchrun; on the CPU they use gloo.
-    two = [
-        sys.executable, "main.py", "--gpus", "0,1", "-l", str(tmp_path / "two"), *common,
-        "train.batch_size=1",
-    ]  # fmt: skip
-    subprocess.run(two, cwd=ROOT, env=env, check=True, capture_output=True)
-    a, b = only_run(tmp_path / "one"), only_run(tmp_path / "two")
-    for row_a, row_b in zip(metrics(a), metrics(b), strict=True):
-        for key in ("loss", "loss_instance", "loss_prior", "grad_norm"):
-            assert float(row_a[key]) == pytest.approx(float(row_b[key]), rel=1e-5), key
+    a, b = one_and_two_processes(tmp_path, v2, small_overrides(class_root, *extra))
     wa, wb = weights(a / "checkpoints" / "last.ckpt"), weights(b / "checkpoints" / "last.ckpt")
     start = torch.load(base, weights_only=True)["state_dict"]
     for part in ("model.diffusion_model.", "cond_stage_model.model.transformer."):

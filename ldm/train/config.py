@@ -15,8 +15,20 @@ from omegaconf.errors import OmegaConfBaseException
 from ldm.config_files import read_config_file
 from ldm.util import ConfigError, size_multiple
 
-TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding")
+TRAINABLE_PARTS = ("unet", "text_encoder", "token_embedding", "lora", "text_encoder_lora")
 LOGGERS = ("tensorboard", "wandb")
+# Layers LoRA may adapt: in the UNet's transformer blocks, and in the CLIP text encoder's layers.
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+)
+LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "mlp.fc1", "mlp.fc2")
 
 
 @dataclass
@@ -84,6 +96,22 @@ class WandbConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (`train.trainable: [lora]`, plus `text_encoder_lora` for the text
+    encoder). Defaults are diffusers' train_dreambooth_lora.py: rank 4, alpha = rank (scale 1),
+    no dropout, the UNet attention's q, k, v and output projections, and for the text encoder
+    its attention's (kohya's network_dim also defaults to 4; its alpha to 1)."""
+
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank, i.e. no scaling
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+
+
+@dataclass
 class TrainConfig:
     actual_resume: str | None = None  # base weights (--actual_resume)
     use_ema_weights: bool = False  # start from the base file's EMA weights
@@ -118,6 +146,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     # fast | balanced | lean: the defaults of the switches below left unset (PROFILES); a
     # switch set explicitly wins. The saved config holds the resolved values.
     memory_profile: str = "fast"
@@ -205,6 +234,7 @@ def validate(cfg: DictConfig) -> None:
         values = ", ".join(f"{name}={OmegaConf.select(cfg, name)!r}" for name in wrong)
         raise ConfigError(f"config: invalid value {values}")
     check_model_section(cfg)
+    validate_lora(cfg)
     if "token_embedding" in t.trainable and not cfg.data.token.strip():
         raise ConfigError(
             "train.trainable=[token_embedding] trains the identifier: data.token is empty"
@@ -269,6 +299,9 @@ def value_checks(cfg: DictConfig) -> dict[str, bool]:
         "train.keep_last": t.keep_last >= 0,
         "train.max_nonfinite_steps": t.max_nonfinite_steps > 0,
         "train.ema.decay": 0.0 <= t.ema.decay <= 1.0,
+        "train.lora.rank": t.lora.rank > 0,
+        "train.lora.alpha": t.lora.alpha is None or t.lora.alpha > 0,
+        "train.lora.dropout": 0.0 <= t.lora.dropout < 1.0,
         "train.prior_loss_weight": t.prior_loss_weight >= 0,
         "train.noise_offset": 0.0 <= t.noise_offset < 1.0,
         "train.sample.every": t.sample.every >= 0,
@@ -313,6 +346,35 @@ def check_model_section(cfg: DictConfig) -> None:
 
 
 _ABSENT = object()
+
+
+def validate_lora(cfg: DictConfig) -> None:
+    """LoRA parts alone, adapting layers that exist in the model's encoders."""
+    t = cfg.train
+    parts = set(t.trainable)
+    if not parts & {"lora", "text_encoder_lora"}:
+        return
+    if parts - {"lora", "text_encoder_lora"}:
+        raise ConfigError(
+            f"train.trainable: {list(t.trainable)}: LoRA trains adapters only; it does not "
+            "combine with unet, text_encoder or token_embedding"
+        )
+    lc = t.lora
+    for key, targets, allowed, needed in (
+        ("targets", lc.targets, LORA_TARGETS, True),
+        ("text_encoder_targets", lc.text_encoder_targets, LORA_TEXT_TARGETS, False),
+    ):
+        needed = needed or "text_encoder_lora" in parts
+        if not set(targets) <= set(allowed) or (needed and not targets):
+            raise ConfigError(
+                f"config: invalid value train.lora.{key}={list(targets)!r} (choose from {allowed})"
+            )
+    cond = OmegaConf.select(cfg, "model.params.cond_stage_config.target", default="")
+    if "text_encoder_lora" in parts and not str(cond).endswith("FrozenCLIPEmbedder"):
+        raise ConfigError(
+            "train.trainable: text_encoder_lora needs the CLIP text encoder (SD v1); "
+            "OpenCLIP's fused attention (SD v2) has no separate q/k/v layers to adapt"
+        )
 
 
 def uses_prior(cfg: DictConfig) -> bool:

@@ -2,6 +2,8 @@
 instance images (fixed timesteps, fixed noise) that picks `best.ckpt`, and sample grids for fixed
 prompts and seeds, so drift of the subject and of the class prior is visible over training."""
 
+from contextlib import contextmanager
+
 import torch
 from torchvision.utils import make_grid
 
@@ -10,6 +12,18 @@ from ldm.data.images import image_to_tensor, load_rgb, resize_crop
 from ldm.models.diffusion.captured import release_graphs
 from ldm.sample import generate, seeded_noise
 from ldm.util import autocast, keyed_seed
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """The model in eval mode (LoRA's dropout off) for a measurement, then as it was."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.train(training)
 
 
 class Validation:
@@ -55,7 +69,7 @@ class Validation:
     @torch.no_grad()
     def loss(self, model, precision: str, batch_size: int = 8) -> float:
         total = 0.0
-        with autocast(self.t.device, precision):
+        with evaluating(model), autocast(self.t.device, precision):
             for start in range(0, self.t.shape[0], batch_size):
                 part = slice(start, start + batch_size)
                 cond = model.get_learned_conditioning(self.tokens[part])
@@ -77,14 +91,15 @@ def sample_grid(
     n = sample_cfg.n_per_prompt
     seeds = [sample_cfg.seed + j for _ in prompts for j in range(n)]
     x_T = seeded_noise(seeds, model.latent_shape(size, size))
-    images = generate(
-        model,
-        [p for p in prompts for _ in range(n)],
-        x_T,
-        ddim_steps=sample_cfg.ddim_steps,
-        scale=sample_cfg.scale,
-        precision=precision,
-        capture=capture,
-    )
+    with evaluating(model):
+        images = generate(
+            model,
+            [p for p in prompts for _ in range(n)],
+            x_T,
+            ddim_steps=sample_cfg.ddim_steps,
+            scale=sample_cfg.scale,
+            precision=precision,
+            capture=capture,
+        )
     release_graphs(model)
     return make_grid(images.cpu(), nrow=n)

@@ -220,8 +220,10 @@ def log_samples(cfg, run: RunDir, session: Session, logger: RunLogger) -> None:
     """The sample grid of the current weights (EMA's, if on) as images/step=NNNNNN.png."""
     tc, model, ema, step = cfg.train, session.model, session.ema, session.state.step
     swap = ema is not None and tc.sample.use_ema
+    # Only what trains is averaged, and put aside (a LoRA run's frozen UNet is not copied).
+    trained = [p for p in model.model.parameters() if p.requires_grad]
     if swap:
-        ema.store(model.model.parameters())
+        ema.store(trained)
         ema.copy_to(model.model)
     with session.parking.unparked():
         grid = sample_grid(
@@ -229,6 +231,6 @@ def log_samples(cfg, run: RunDir, session: Session, logger: RunLogger) -> None:
             capture=tc.capture,
         )  # fmt: skip
     if swap:
-        ema.restore(model.model.parameters())
+        ema.restore(trained)
     save_png(to_pil(grid[None])[0], run.images / f"step={step:06d}.png")
     logger.image("samples", grid, step)

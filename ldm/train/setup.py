@@ -23,10 +23,12 @@ from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import Validation
 from ldm.train.logger import RunLogger
 from ldm.train.memory import FrozenParking, describe_peak, expected_peak, parked_modules
+from ldm.train.lora import load_adapters, resumed_weights
 from ldm.train.optim import build_optimizer, build_scheduler, effective_lr, set_schedule
 from ldm.train.prior import missing_indices, sample_class_images
 from ldm.train.state import ema_entries, is_lean, set_rng_state
 from ldm.train.trainable import (
+    cast_frozen,
     configure_trainable,
     frozen_modules,
     identifier_token_ids,
@@ -84,7 +86,7 @@ def build_model(cfg, resume: Resume | None, unsafe_load: bool) -> nn.Module:
         if resume is not None:
             with empty_parameters():
                 model = instantiate_from_config(cfg.model, unsafe=unsafe_load)
-            load_state_into(model, resume.source, path=resume.path)
+            load_state_into(model, resumed_weights(resume.source, resume.extras), path=resume.path)
             return model
         tc = cfg.train
         if tc.actual_resume is None:
@@ -163,10 +165,13 @@ def prepare(
                 f"stop signal during class-image sampling: the images written so far stay in "
                 f"{dc.class_root}; the same command continues"
             )
-    groups = configure_trainable(model, tc.trainable, identifier_token_ids(model, dc.token))
+    token_ids = identifier_token_ids(model, dc.token)
+    groups = configure_trainable(model, tc.trainable, token_ids, tc.lora, tc.seed)
+    if resume is not None and resume.extras.get("lora") is not None:
+        load_adapters(model, resume.extras["lora"]["adapters"], resume.path)
     dtype = precision_dtype(tc.precision)
     for module in frozen_modules(model, tc.trainable):
-        module.to(dtype or torch.float32)
+        cast_frozen(module, dtype or torch.float32)
     unet = model.model.diffusion_model
     # train.gradient_checkpointing decides, whatever the UNet config's use_checkpoint says.
     unet.set_gradient_checkpointing(tc.gradient_checkpointing)
@@ -210,6 +215,9 @@ def make_loader(cfg, env, model, dataset, cache, start_step: int) -> DataLoader:
         batch_size=tc.batch_size,
         sampler=sampler,
         collate_fn=stack_batch,
+        # Its own generator: starting the loader then draws nothing from the global RNG, which a
+        # resume has put back (LoRA's dropout draws from it).
+        generator=torch.Generator().manual_seed(tc.seed),
         num_workers=0 if cache is not None else cfg.data.num_workers,
         pin_memory=env.device.type == "cuda",
     )
@@ -221,6 +229,7 @@ def restore(resume: Resume, cfg, env: DistEnv, session_parts: tuple, logger) -> 
     optimizer, scheduler, scaler, ema, text_ema = session_parts
     extras, state = resume.extras, TrainState(**resume.extras["train_state"])
     lr = effective_lr(cfg.train, env.world_size)
+    lora = extras.get("lora")
     if is_lean(extras):
         logger.message(
             f"{resume.path}: a lean checkpoint (weights only, no optimizer state): continuing "
@@ -238,7 +247,8 @@ def restore(resume: Resume, cfg, env: DistEnv, session_parts: tuple, logger) -> 
                 f"train.scale_lr x {env.world_size} processes): continuing with {lr:g}"
             )
             set_schedule(optimizer, scheduler, lr, scheduler.last_epoch)
-    restore_ema(ema, ema_entries(resume.source), "UNet", state.step, logger)
+    unet_ema = lora["unet_ema"] if lora is not None else ema_entries(resume.source)
+    restore_ema(ema, unet_ema, "UNet", state.step, logger)
     restore_ema(text_ema, extras.get("text_encoder_ema"), "text encoder", state.step, logger)
     return state
 
@@ -335,8 +345,10 @@ def setup(
         validation = Validation(model, dataset, tc.val_timesteps, tc.seed, env.device)
 
     ema = text_ema = None
-    if tc.ema.enabled and "unet" in tc.trainable:
-        model.model_ema = ema = LitEma(model.model, decay=tc.ema.decay)
+    if tc.ema.enabled and {"unet", "lora"} & set(tc.trainable):
+        ema = LitEma(model.model, decay=tc.ema.decay)
+        if "unet" in tc.trainable:  # the full-EMA layout (model_ema.*) of the SD state dict
+            model.model_ema = ema
     if tc.ema.enabled and text_encoder_trains(tc.trainable):
         text_ema = LitEma(model.cond_stage_model, decay=tc.ema.decay)
 

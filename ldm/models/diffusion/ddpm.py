@@ -16,6 +16,32 @@ from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
 
 
+def schedule_buffers(betas: np.ndarray) -> dict[str, torch.Tensor]:
+    """The schedule buffers of SD checkpoints (CompVis names), computed in float64 from the
+    betas and stored in float32."""
+    alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    # Posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7); SD checkpoints store these.
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    buffers = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev)
+        * np.sqrt(1.0 - betas)
+        / (1.0 - alphas_cumprod),
+    }
+    return {name: torch.tensor(value, dtype=torch.float32) for name, value in buffers.items()}
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the UNet under the name `diffusion_model` and routes the text context into it."""
 
@@ -103,29 +129,9 @@ class LatentDiffusion(nn.Module):
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
             betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
-        alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         self.num_timesteps = len(betas)
-        # Posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7); SD checkpoints store these.
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev)
-            * np.sqrt(1.0 - betas)
-            / (1.0 - alphas_cumprod),
-        }
-        for name, value in buffers.items():
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
+        for name, value in schedule_buffers(betas).items():
+            self.register_buffer(name, value)
 
     # Forward process and parameterisations.
 

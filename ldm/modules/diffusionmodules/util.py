@@ -5,6 +5,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
@@ -102,10 +103,14 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (CompVis): half-precision statistics overflow."""
+    """GroupNorm computed in float32 (CompVis): half-precision statistics overflow. The affine
+    parameters are taken to float32 too: a frozen UNet held in bf16 (LoRA training) would
+    otherwise meet float32 inputs, which the CPU kernel refuses."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int) -> nn.Module:

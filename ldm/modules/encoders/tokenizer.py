@@ -20,7 +20,7 @@ _NUM_MERGES = 49408 - 2 * 256 - 2
 
 
 @lru_cache
-def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary (token -> id) and merges of OpenAI's CLIP BPE, in open_clip's order."""
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 1 + _NUM_MERGES]]
@@ -37,7 +37,7 @@ def clip_tokenizer(pad_token: str = END_TOKEN) -> CLIPTokenizer:
     Start 49406, end 49407, pad ``pad_token`` (SD v1 pads with the end token), 77 tokens. Cached:
     callers share one instance, so do not mutate it.
     """
-    vocab, merges = _clip_bpe()
+    vocab, merges = clip_bpe()
     return CLIPTokenizer(
         vocab=vocab,
         merges=merges,
