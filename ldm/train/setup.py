@@ -22,8 +22,8 @@ from ldm.train.config import ConfigError, uses_prior
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import Validation
 from ldm.train.logger import RunLogger
-from ldm.train.memory import FrozenParking, describe_peak, expected_peak, parked_modules
 from ldm.train.lora import load_adapters, resumed_weights
+from ldm.train.memory import FrozenParking, describe_peak, expected_peak, parked_modules
 from ldm.train.optim import build_optimizer, build_scheduler, effective_lr, set_schedule
 from ldm.train.prior import missing_indices, sample_class_images
 from ldm.train.state import ema_entries, is_lean, set_rng_state
