@@ -92,7 +92,10 @@ def plan(opt, ckpt: Path, work: Path) -> list[Job]:
         label = name.removesuffix(" captured")
         if opt.tiny and (label not in TINY_PROFILES or mode == "captured" and label != "bf16"):
             continue  # the suite's time; never torch.compile on a CPU (minutes)
+        # bf16 first, then the memory profiles that issue 10's targets name, beside diffusers
         priority = 1 if label == "bf16" else 7 if "--compile" in flags else 5
+        if label in ("bf16 balanced", "bf16 lean"):
+            priority = 4
         limit = 300 if "--compile" in flags else 120
         argv = [*train, *flags, "--name", name]
         jobs.append(Job(("train", label, mode), "scripts/bench_train.py", argv, limit, priority))
