@@ -231,8 +231,8 @@ def write_checkpoint(config: str, out: Path, device: str) -> None:
     from ldm.util import instantiate_from_config
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = instantiate_from_config(read_config_file(ROOT / config).model)
+    # Built on the CPU: the schedule's buffers go through numpy.
+    model = instantiate_from_config(read_config_file(ROOT / config).model)
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
