@@ -17,6 +17,7 @@ skipped. With --tiny they run in this process on the CPU (where capture falls ba
 
 import argparse
 import contextlib
+import csv
 import importlib.metadata
 import importlib.util
 import io
@@ -60,6 +61,14 @@ class Result:
     error: str | None = None  # one line, or None
     marks: dict = field(default_factory=dict)  # marker -> seconds after the start
     stderr: str = ""
+    losses: list[float] = field(default_factory=list)  # a main.py run's, per step
+
+
+def read_losses(result: Result) -> None:
+    """A finished main.py run's per-step losses (metrics.csv), before its folder is removed."""
+    run = next(line for line in result.out.splitlines() if line.startswith("run folder:"))
+    with open(Path(run.split(":", 1)[1].strip()) / "metrics.csv", newline="") as f:
+        result.losses = [float(row["loss"]) for row in csv.DictReader(f)]
 
 
 def settings(opt) -> dict:
@@ -67,7 +76,7 @@ def settings(opt) -> dict:
         return dict(
             base="configs/dreambooth/tiny-random.yaml", sample="configs/stable-diffusion/v1-tiny.yaml",
             train_size=32, sample_size=64, steps=1, warmup=1, ddim=2, runs=1,
-            subject="2 class images, 4 steps",
+            subject="2 class images, 4 steps", equal_classes=2, equal_steps=3,
             e2e=["data.size=32", "prior.num_class_images=2", "prior.ddim_steps=2",
                  "train.max_steps=4", "train.val_every=2", "train.sample.every=2",
                  "train.sample.ddim_steps=2", "train.save_every=2", "data.num_workers=0"],
@@ -76,7 +85,7 @@ def settings(opt) -> dict:
         base="configs/dreambooth/v1-finetune_unfrozen.yaml",
         sample="configs/stable-diffusion/v1-inference.yaml",
         train_size=512, sample_size=512, steps=5, warmup=2, ddim=50, runs=2,
-        subject="200 class images, 800 steps, main.py's defaults",
+        subject="200 class images, 800 steps, main.py's defaults", equal_classes=4, equal_steps=30,
         e2e=[],
     )  # fmt: skip
 
@@ -110,6 +119,15 @@ def plan(opt, ckpt: Path, work: Path) -> list[Job]:
         argv = [*e2e, "--reg_data_root", str(work / f"class-{mode}"), "-l", str(work / "logs")]
         argv += ["-n", mode, f"train.capture={mode == 'captured'}"]
         jobs.append(Job(("e2e", "", mode), "main.py", argv, 420, priority))
+    # Captured against eager: the same steps from the same weights and class images; the table
+    # gives the largest relative difference of their per-step losses (what capture needs to show
+    # before it can be the default on CUDA).
+    equal = [*e2e, "--reg_data_root", str(work / "class-equal"), "-l", str(work / "equal")]
+    equal += [f"prior.num_class_images={s['equal_classes']}", f"train.max_steps={s['equal_steps']}"]
+    equal += ["train.val_every=0", "train.sample.every=0", "train.save_every=0"]
+    for mode in ("eager", "captured"):
+        argv = [*equal, "-n", mode, f"train.capture={mode == 'captured'}"]
+        jobs.append(Job(("equal", "", mode), "main.py", argv, 150, 2))
     twin = ["--size", str(s["train_size"]), "--steps", str(s["steps"]), *dev]
     twin += ["--warmup", str(s["warmup"])] + ["--tiny"] * opt.tiny
     for label, flags in DIFFUSERS_TWIN.items():
@@ -317,6 +335,21 @@ class Report:
 
         return self.cell(("e2e", "", mode), read)
 
+    def equality(self) -> str:
+        """Largest relative difference of the captured run's per-step losses from the eager's."""
+        if (cell := self.failed(("equal", "", "eager"))) is not None:
+            return cell
+        eager = self.results[("equal", "", "eager")].losses
+
+        def read(result: Result) -> str:
+            captured = result.losses
+            if len(captured) != len(eager):
+                raise ValueError(f"{len(captured)} steps against {len(eager)}")
+            worst = max(abs(c - e) / max(abs(e), 1e-12) for c, e in zip(captured, eager))
+            return f"{worst:.1e}"
+
+        return self.cell(("equal", "", "captured"), read)
+
     def table(self, opt, s: dict) -> str:
         lines = ["| measurement | eager | captured | diffusers |", "|---|---|---|---|"]
         labels = dict.fromkeys(key[1] for key in self.results if key[0] == "train")
@@ -334,6 +367,10 @@ class Report:
         cells = [self.e2e("eager"), self.e2e("captured"), "-"]
         lines.append(
             f"| time to trained subject, s (class images, s): {s['subject']} | {' | '.join(cells)} |"
+        )
+        lines.append(
+            f"| captured vs eager: largest relative loss difference, {s['equal_steps']} steps "
+            f"| - | {self.equality()} | - |"
         )
         notes = [f"[{i}] {text}" for i, text in enumerate(self.notes, 1)]
         return "\n".join(lines + notes)
@@ -382,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
                     in_process(job) if opt.tiny else in_subprocess(job, min(job.limit, left))
                 )
             result = results[job.key]
+            if job.key[0] == "equal" and result.error is None:
+                try:
+                    read_losses(result)
+                except (OSError, StopIteration, KeyError, ValueError) as e:
+                    result.error = f"no losses: {e}"
             log_job(opt.log, job, result)
             print(f"[{time.perf_counter() - start:5.0f} s] {name(job.key)}: "
                   f"{result.seconds:.0f} s, {result.error or 'ok'}", flush=True)  # fmt: skip

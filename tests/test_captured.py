@@ -151,4 +151,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     subject = next(v for k, v in rows.items() if k.startswith("time to trained subject"))
     assert re.fullmatch(r"[0-9]+ \([0-9]+\)", subject[1])  # total (class images)
     assert diffusers == "no diffusers" or re.fullmatch(number, diffusers)
+    # The same run eagerly and "captured" (eager on the CPU): their losses agree exactly.
+    equal = next(v for k, v in rows.items() if k.startswith("captured vs eager"))
+    assert equal == ["-", "0.0e+00", "-"]
     assert "failed" not in done.stdout and "unreadable" not in done.stdout, done.stdout
