@@ -313,7 +313,7 @@ class Report:
     def train(self, label: str, mode: str) -> str:
         def read(result: Result) -> str:
             row = table_rows(result.out)[-1]
-            cell = f"{float(row['s/step']):.3f} ({row['peak GB']})"
+            cell = f"{float(row['s/step']):.3f} ({row['peak GiB']})"
             off = [p for p in row["switches"].split(", ") if p.startswith("capture off")]
             return cell + (f" eager {self.note(off[0])}" if off else "")
 
@@ -324,7 +324,7 @@ class Report:
             row = next(r for r in table_rows(result.out) if r["batch"] == str(batch))
             s_per_image = float(row["s/image"])
             value = f"{s_per_image:.3f}" if batch == 1 else f"{1 / s_per_image:.2f}"
-            return f"{value} ({row['peak GB']})"
+            return f"{value} ({row['peak GiB']})"
 
         return self.cell(("sample", "", mode), read)
 
@@ -357,13 +357,13 @@ class Report:
             if name in labels:
                 cells = [self.train(name, m) for m in ("eager", "captured", "diffusers")]
                 lines.append(
-                    f"| train s/step (peak GB): {name}, {s['train_size']} px | {' | '.join(cells)} |"
+                    f"| train s/step (peak GiB): {name}, {s['train_size']} px | {' | '.join(cells)} |"
                 )
         for batch in [1, *opt.class_batch]:
             what = "sample s/image" if batch == 1 else "class images/s"
             cells = [self.sample(batch, m) for m in ("eager", "captured", "diffusers")]
             setting = f"batch {batch}, {s['ddim']} DDIM steps + guidance, {s['sample_size']} px"
-            lines.append(f"| {what} (peak GB): {setting} | {' | '.join(cells)} |")
+            lines.append(f"| {what} (peak GiB): {setting} | {' | '.join(cells)} |")
         cells = [self.e2e("eager"), self.e2e("captured"), "-"]
         lines.append(
             f"| time to trained subject, s (class images, s): {s['subject']} | {' | '.join(cells)} |"
