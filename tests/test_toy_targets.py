@@ -75,15 +75,15 @@ def test_toy_runs_are_measured_with_the_noun_they_trained_with(tmp_path, capsys,
 
     monkeypatch.setattr(toy_runs, "evaluate_dreambooth", spy)
     out = tmp_path / "ablation"
-    argv = ["-b", str(DEMO), "--variants", "prior,wrong_class", "--out", str(out), *FAST]
+    argv = ["-b", str(DEMO), "--variants", "wrong_class", "--out", str(out), *FAST]
     target = targets.ToyTarget(("box",), **FAST_EVAL)
     assert ablate.main(argv, target=target) == 0
     printed = capsys.readouterr().out
-    assert prompted == [("box", "sks", "box"), ("box", "sks", "cup")]
+    assert prompted == [("box", "sks", "cup")]  # the run's noun; PRES: "a photo of a box"
 
     result = json.loads((out / "ablation.json").read_text())
-    assert result["target"] == "toy" and set(result["runs"]) == {"prior", "wrong_class"}
-    figures = result["runs"]["prior"]["box"]
+    assert result["target"] == "toy" and set(result["runs"]) == {"wrong_class"}
+    figures = result["runs"]["wrong_class"]["box"]
     assert set(figures) == FIGURES and all(v is not None for v in figures.values())
     assert 0 <= figures["colour_rate"] <= 1 and figures["class_div"] > 0
     table4 = printed[printed.index("## Table 4") :]
@@ -92,7 +92,7 @@ def test_toy_runs_are_measured_with_the_noun_they_trained_with(tmp_path, capsys,
 
     # The command line prints the same figures for the run, and records what it measured in the
     # run's summary (here: another seed's figures).
-    (run,) = (out / "runs" / "box" / "prior").iterdir()
+    (run,) = (out / "runs" / "box" / "wrong_class").iterdir()
     assert printed_figures(capsys, run) == pytest.approx(figures, abs=5e-4)
     assert read_summary(run)["eval/class_div"] == pytest.approx(figures["class_div"])
     reseeded = printed_figures(capsys, run, "--seed", "1")
