@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from ldm.train.logger import peak_memory_gb, reset_peak_memory
 
 TRAIN_HEADER = (
-    "| config | size | batch | precision | trains | switches | s/step | images/s | peak GB |\n"
+    "| config | size | batch | precision | trains | switches | s/step | images/s | peak GiB |\n"
     "|---|---|---|---|---|---|---|---|---|"
 )
 SAMPLE_HEADER = (
     "| device | config | H x W | batch | steps | precision | compile | capture | DDIM steps/s "
-    "| s/image | peak GB |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| s/image | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

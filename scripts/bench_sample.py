@@ -7,7 +7,7 @@
 Runs `ldm.sample.generate` (the txt2img path: text encoding, DDIM with one batched forward of
 [uncond, cond] per step, VAE decoding) once to warm up, then `--runs` times timed, for each
 `--batch`. Steps/s covers the DDIM loop (from the end of its first step to the end of its last);
-s/image covers the whole of `generate`; peak GB is the peak memory of those calls (CUDA
+s/image covers the whole of `generate`; peak GiB is the peak memory of those calls (CUDA
 allocated, or the process's RSS on the CPU). `--capture` replays the guided UNet call from a
 CUDA graph (unverified on a GPU; the plain sampler without CUDA). Without `--ckpt` the weights
 are random, which does not change the speed. Prints a markdown table, one row per batch.
@@ -30,7 +30,7 @@ from ldm.util import default_precision, instantiate_from_config
 VAE_FACTOR = 8  # pixels per latent, in every SD config
 HEADER = (
     "| device | config | H x W | batch | steps | precision | compile | capture | DDIM steps/s "
-    "| s/image | peak GB |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| s/image | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 

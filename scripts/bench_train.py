@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "data" / "demo" / "dog"
 HEADER = (
     "| config | size | batch | precision | trains | profile | switches | s/step | images/s "
-    "| peak GB | expected GB |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| peak GiB | expected GiB |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 # (name, extra flags; the profile is fast unless --profile says otherwise): the memory profiles
 # (README, "Memory and speed"), UNet alone and with the text encoder, beside the uncached fp32

@@ -28,7 +28,6 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,30 +35,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_train  # noqa: E402  (scripts/ is not a package)
+from gpu_report import MARKER, Job, Report, Result, last_line, read_losses  # noqa: E402
+from gpu_report import name as key_name  # noqa: E402
 
-MARKER = "class images into"  # main.py's line when the class images are done
-# Errors that mean "this machine lacks an optional package", shown as such rather than as failures.
-ABSENT = {"diffusers is not installed": "no diffusers"}
 TINY_PROFILES = ("bf16", "bf16 +text lean")  # --tiny: the captured twin of bf16 only
 DIFFUSERS_TWIN = {"bf16": [], "bf16 ckpt": ["--grad_ckpt"], "bf16 +text fast": ["--text_encoder"]}
-
-
-@dataclass
-class Job:
-    key: tuple  # (section, name, "eager" | "captured" | "diffusers")
-    script: str  # relative to the repository root
-    argv: list[str]
-    limit: float  # seconds
-    priority: int
-
-
-@dataclass
-class Result:
-    seconds: float = 0.0
-    out: str = ""
-    error: str | None = None  # one line, or None
-    marks: dict = field(default_factory=dict)  # marker -> seconds after the start
-    stderr: str = ""
 
 
 def settings(opt) -> dict:
@@ -67,7 +47,7 @@ def settings(opt) -> dict:
         return dict(
             base="configs/dreambooth/tiny-random.yaml", sample="configs/stable-diffusion/v1-tiny.yaml",
             train_size=32, sample_size=64, steps=1, warmup=1, ddim=2, runs=1,
-            subject="2 class images, 4 steps",
+            subject="2 class images, 4 steps", equal_classes=2, equal_steps=3,
             e2e=["data.size=32", "prior.num_class_images=2", "prior.ddim_steps=2",
                  "train.max_steps=4", "train.val_every=2", "train.sample.every=2",
                  "train.sample.ddim_steps=2", "train.save_every=2", "data.num_workers=0"],
@@ -76,7 +56,7 @@ def settings(opt) -> dict:
         base="configs/dreambooth/v1-finetune_unfrozen.yaml",
         sample="configs/stable-diffusion/v1-inference.yaml",
         train_size=512, sample_size=512, steps=5, warmup=2, ddim=50, runs=2,
-        subject="200 class images, 800 steps, main.py's defaults",
+        subject="200 class images, 800 steps, main.py's defaults", equal_classes=4, equal_steps=30,
         e2e=[],
     )  # fmt: skip
 
@@ -110,6 +90,15 @@ def plan(opt, ckpt: Path, work: Path) -> list[Job]:
         argv = [*e2e, "--reg_data_root", str(work / f"class-{mode}"), "-l", str(work / "logs")]
         argv += ["-n", mode, f"train.capture={mode == 'captured'}"]
         jobs.append(Job(("e2e", "", mode), "main.py", argv, 420, priority))
+    # Captured against eager: the same steps from the same weights and class images; the table
+    # gives the largest relative difference of their per-step losses (what capture needs to show
+    # before it can be the default on CUDA).
+    equal = [*e2e, "--reg_data_root", str(work / "class-equal"), "-l", str(work / "equal")]
+    equal += [f"prior.num_class_images={s['equal_classes']}", f"train.max_steps={s['equal_steps']}"]
+    equal += ["train.val_every=0", "train.sample.every=0", "train.save_every=0"]
+    for mode in ("eager", "captured"):
+        argv = [*equal, "-n", mode, f"train.capture={mode == 'captured'}"]
+        jobs.append(Job(("equal", "", mode), "main.py", argv, 150, 2))
     twin = ["--size", str(s["train_size"]), "--steps", str(s["steps"]), *dev]
     twin += ["--warmup", str(s["warmup"])] + ["--tiny"] * opt.tiny
     for label, flags in DIFFUSERS_TWIN.items():
@@ -192,35 +181,10 @@ def log_job(path: str | None, job: Job, result: Result) -> None:
     if path is None:
         return
     with open(path, "a") as f:
-        f.write(f"=== {name(job.key)}: {job.script} {' '.join(job.argv)}\n")
+        f.write(f"=== {key_name(job.key)}: {job.script} {' '.join(job.argv)}\n")
         f.write(f"--- {result.seconds:.1f} s, {result.error or 'ok'}\n")
         f.write(f"--- stdout (tail)\n{result.out[-6000:]}\n--- stderr (tail)\n")
         f.write(f"{result.stderr[-6000:]}\n")
-
-
-def name(key: tuple) -> str:
-    return " / ".join(filter(None, key))
-
-
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1][:200] if lines else ""
-
-
-def table_rows(text: str) -> list[dict[str, str]]:
-    """The rows of the last markdown table in `text`, as dicts keyed by its header."""
-    rows, header = [], None
-    for line in text.splitlines():
-        if not line.startswith("|"):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if set("".join(cells)) <= set("-"):
-            continue
-        if header is None or cells[0] in ("config", "device"):
-            header, rows = cells, []
-        else:
-            rows.append(dict(zip(header, cells)))
-    return rows
 
 
 def write_checkpoint(config: str, out: Path, device: str) -> None:
@@ -254,89 +218,6 @@ def environment(opt) -> str:
         except importlib.metadata.PackageNotFoundError:
             parts.append(f"no {name}")
     return " | ".join(parts)
-
-
-class Report:
-    """The one table: a row per measurement, eager / captured / diffusers side by side."""
-
-    def __init__(self, results: dict[tuple, Result]):
-        self.results, self.notes = results, []
-
-    def note(self, text: str) -> str:
-        if text not in self.notes:
-            self.notes.append(text)
-        return f"[{self.notes.index(text) + 1}]"
-
-    def failed(self, key: tuple) -> str | None:
-        """The cell of a job that gave no numbers, or None."""
-        result = self.results.get(key)
-        if result is None:
-            return "-"
-        if result.error is None:
-            return None
-        for message, cell in ABSENT.items():
-            if message in result.error:
-                return cell
-        if result.error.startswith(("skipped", "no checkpoint")):
-            return result.error.split(":")[0]
-        return f"failed {self.note(f'{name(key)}: {result.error}')}"
-
-    def cell(self, key: tuple, read) -> str:
-        """`read(result)` for a job that ran, else what became of it; output that does not
-        parse is a note, not a crash that would lose the whole table."""
-        if (cell := self.failed(key)) is not None:
-            return cell
-        try:
-            return read(self.results[key])
-        except (KeyError, IndexError, ValueError, StopIteration):
-            tail = last_line(self.results[key].out)
-            return f"unreadable {self.note(f'{name(key)}: {tail}')}"
-
-    def train(self, label: str, mode: str) -> str:
-        def read(result: Result) -> str:
-            row = table_rows(result.out)[-1]
-            cell = f"{float(row['s/step']):.3f} ({row['peak GB']})"
-            off = [p for p in row["switches"].split(", ") if p.startswith("capture off")]
-            return cell + (f" eager {self.note(off[0])}" if off else "")
-
-        return self.cell(("train", label, mode), read)
-
-    def sample(self, batch: int, mode: str) -> str:
-        def read(result: Result) -> str:
-            row = next(r for r in table_rows(result.out) if r["batch"] == str(batch))
-            s_per_image = float(row["s/image"])
-            value = f"{s_per_image:.3f}" if batch == 1 else f"{1 / s_per_image:.2f}"
-            return f"{value} ({row['peak GB']})"
-
-        return self.cell(("sample", "", mode), read)
-
-    def e2e(self, mode: str) -> str:
-        def read(result: Result) -> str:
-            classes = result.marks.get(MARKER)
-            return f"{result.seconds:.0f}" + (f" ({classes:.0f})" if classes is not None else "")
-
-        return self.cell(("e2e", "", mode), read)
-
-    def table(self, opt, s: dict) -> str:
-        lines = ["| measurement | eager | captured | diffusers |", "|---|---|---|---|"]
-        labels = dict.fromkeys(key[1] for key in self.results if key[0] == "train")
-        for name, _ in bench_train.MATRIX:
-            if name in labels:
-                cells = [self.train(name, m) for m in ("eager", "captured", "diffusers")]
-                lines.append(
-                    f"| train s/step (peak GB): {name}, {s['train_size']} px | {' | '.join(cells)} |"
-                )
-        for batch in [1, *opt.class_batch]:
-            what = "sample s/image" if batch == 1 else "class images/s"
-            cells = [self.sample(batch, m) for m in ("eager", "captured", "diffusers")]
-            setting = f"batch {batch}, {s['ddim']} DDIM steps + guidance, {s['sample_size']} px"
-            lines.append(f"| {what} (peak GB): {setting} | {' | '.join(cells)} |")
-        cells = [self.e2e("eager"), self.e2e("captured"), "-"]
-        lines.append(
-            f"| time to trained subject, s (class images, s): {s['subject']} | {' | '.join(cells)} |"
-        )
-        notes = [f"[{i}] {text}" for i, text in enumerate(self.notes, 1)]
-        return "\n".join(lines + notes)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -382,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
                     in_process(job) if opt.tiny else in_subprocess(job, min(job.limit, left))
                 )
             result = results[job.key]
+            if job.key[0] == "equal" and result.error is None:
+                try:
+                    read_losses(result)
+                except (OSError, StopIteration, KeyError, ValueError) as e:
+                    result.error = f"no losses: {e}"
             log_job(opt.log, job, result)
-            print(f"[{time.perf_counter() - start:5.0f} s] {name(job.key)}: "
+            print(f"[{time.perf_counter() - start:5.0f} s] {key_name(job.key)}: "
                   f"{result.seconds:.0f} s, {result.error or 'ok'}", flush=True)  # fmt: skip
     finally:
         if not opt.work:

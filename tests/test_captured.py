@@ -140,15 +140,18 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
         if line.startswith("| ") and "|---" not in line
     }
     number = r"[0-9.]+ \([0-9.]+\)"  # a value and its peak memory
-    eager, captured, diffusers = rows["train s/step (peak GB): bf16, 32 px"]
+    eager, captured, diffusers = rows["train s/step (peak GiB): bf16, 32 px"]
     assert re.fullmatch(number, eager)
     assert re.fullmatch(number + r" eager \[1\]", captured)  # the CPU falls back, and says so
     assert "[1] capture off (no CUDA device (cpu)" in done.stdout
-    assert re.fullmatch(number, rows["train s/step (peak GB): bf16 +text lean, 32 px"][0])
+    assert re.fullmatch(number, rows["train s/step (peak GiB): bf16 +text lean, 32 px"][0])
     for key in ("sample s/image", "class images/s"):
         cells = next(v for k, v in rows.items() if k.startswith(key))
         assert all(re.fullmatch(number, c) for c in cells[:2]), cells
     subject = next(v for k, v in rows.items() if k.startswith("time to trained subject"))
     assert re.fullmatch(r"[0-9]+ \([0-9]+\)", subject[1])  # total (class images)
     assert diffusers == "no diffusers" or re.fullmatch(number, diffusers)
+    # The same run eagerly and "captured" (eager on the CPU): their losses agree exactly.
+    equal = next(v for k, v in rows.items() if k.startswith("captured vs eager"))
+    assert equal == ["-", "0.0e+00", "-"]
     assert "failed" not in done.stdout and "unreadable" not in done.stdout, done.stdout

@@ -226,7 +226,9 @@ class AdamW8bit(torch.optim.Optimizer):
                 ranges[k] = [(a // BLOCK, b // BLOCK) for _, a, b in window]
         stored = [torch.cat([s[k][a:b] for s, (a, b) in zip(states, ranges[k])]) for k in keys]
         grad = torch.cat([_flat_grad(p)[a:b] for p, a, b in window]).float()
-        correction = torch.tensor((1 - beta2**step) ** 0.5, device=device)
+        # Filled on the device: torch.tensor(x, device="cuda") is a blocking copy from the host,
+        # a stream synchronisation per window inside fused backward.
+        correction = torch.full((), (1 - beta2**step) ** 0.5, device=device)
         if quant:
             compile = self.compile if self.compile is not None else device.type == "cuda"
             step_fn = compiled_quantised_step() if compile else _quantised_step

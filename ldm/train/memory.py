@@ -9,8 +9,8 @@ number; a parked module used by mistake fails loudly (meta tensors have no data)
 
 Expected peak. `expected_peak` counts, from parameter counts and dtypes, what the device holds in
 a step: weights, optimizer state and EMA all the time; the activations autograd keeps for backward
-(counted exactly by running the UNet on the meta device: no memory, no compute) at the end of the
-forward; the gradients (all of them, or a couple of buckets with fused backward) and the 8-bit
+(counted by running the UNet on the meta device: no memory, no compute; plus the copies autocast
+makes of float32 weights, which backward keeps too) at the end of the forward; the gradients (all of them, or a couple of buckets with fused backward) and the 8-bit
 step's scratch at the end of the backward. `peak_bytes` takes the larger of the two moments.
 """
 
@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.modules.attention import BasicTransformerBlock
+from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.train.adamw8bit import state_bytes, window_numel
 from ldm.train.optim import FusedBackwardOptimizer
 from ldm.train.trainable import text_encoder_trains
@@ -98,13 +100,27 @@ def activation_bytes(
     batch: int,
     dtype: torch.dtype,
     checkpointing: bool,
+    cast: frozenset[str] = frozenset(),
 ) -> int:
     """Bytes autograd saves for backward in one UNet forward of `batch` latents, weights not
     counted: the UNet run on the meta device in the autocast dtype (autocast does not run on
-    meta; the norms upcast to float32 as they do under it)."""
+    meta; the norms upcast to float32 as they do under it). `cast`: the names of the UNet's
+    float32 weights that autocast casts to `dtype` for its matrix products and convolutions;
+    those copies are saved for backward too (SD v1 in bf16: 1.7 GB), except inside the blocks
+    that checkpointing recomputes."""
     with torch.device(META):
         unet = instantiate_from_config(unet_cfg).to(dtype)
     unet.set_gradient_checkpointing(checkpointing)
+    recomputed = set()
+    if checkpointing:
+        for module in unet.modules():
+            if isinstance(module, (ResBlock, BasicTransformerBlock)):
+                recomputed |= {id(p) for p in module.parameters()}
+    casts = sum(
+        p.numel() * dtype.itemsize
+        for name, p in unet.named_parameters()
+        if name in cast and p.dim() >= 2 and id(p) not in recomputed
+    )
     weights = {id(p) for p in unet.parameters()}
     total = 0
 
@@ -124,7 +140,7 @@ def activation_bytes(
         torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
     ):
         unet(x, t, context)
-    return total
+    return total + casts
 
 
 def expected_peak(model, cfg, parked: list[nn.Module], batch: int, device) -> dict[str, int]:
@@ -153,12 +169,17 @@ def expected_peak(model, cfg, parked: list[nn.Module], batch: int, device) -> di
     dtype = precision_dtype(tc.precision) or torch.float32
     latent_shape = model.latent_shape(cfg.data.size, cfg.data.size)
     unet_cfg = cfg.model.params.unet_config
+    cast = frozenset(
+        name
+        for name, p in model.model.diffusion_model.named_parameters()
+        if dtype != torch.float32 and p.requires_grad and p.dtype == torch.float32
+    )
     parts = {
         "weights": weights,
         "gradients": grads,
         "optimizer state": optimizer,
         "activations": activation_bytes(
-            unet_cfg, latent_shape, batch, dtype, tc.gradient_checkpointing
+            unet_cfg, latent_shape, batch, dtype, tc.gradient_checkpointing, cast
         ),
     }
     if scratch:
