@@ -5,15 +5,18 @@ r"""The paper's ablations in your setting: train and evaluate each variant on ch
         --variants prior,no_prior,no_class,wrong_class,text_encoder --gpus 0,1 \
         [scripts/evaluate.py flags: --dino_weights ... --n_samples 4 ...] [train.max_steps=800 ...]
     python scripts/ablate.py -b ... --real_dir photos/rex --class_word dog [--variants ...]
+    python scripts/ablate.py -b configs/dreambooth/demo.yaml --toy_subjects ball,box,cup \
+        [--ddim_steps 25 --n_samples 8 --n_class_images 32]
 
 A variant is a config in configs/ablations/ (those above, or one of your own) merged after the
 base configs and a per-subject config (its photos, class noun and other data settings);
 `key=value` arguments come last. The subjects come from an evaluation target
 (scripts/targets.py): DreamBench subjects (--subjects with --dreambench_root) or your own photos
-(--real_dir with --class_word), measured by scripts/evaluate.py, whose flags pass through; the
+(--real_dir with --class_word), measured by scripts/evaluate.py, whose flags pass through, or the
+toy world's subjects (--toy_subjects, measured by its evaluator; README "The toy world"); the
 target's `evaluate` measures each run, and `targets.target_of` is where another kind plugs in.
-The wrong class noun is the target's choice for each subject ("can", or "backpack" for a can);
---wrong_class sets another. Run folders go to OUT/runs/<subject>/<variant>/. Prior-preservation
+The wrong class noun is the target's choice for each subject ("can", or "backpack" for a can;
+in the toy world the next class: ball -> box -> cup -> ball); --wrong_class sets another. Run folders go to OUT/runs/<subject>/<variant>/. Prior-preservation
 class images are sampled once per class noun into OUT/class_images/<noun>/ and shared by the runs
 that use that noun.
 

@@ -3,6 +3,13 @@ r"""Evaluate a DreamBooth run as in the paper: DINO, CLIP-I, CLIP-T, PRES and DI
     python scripts/evaluate.py --ckpt logs/2025-01-01T00-00-00_dog --subject dog \
         --dreambench_root data/dreambench
     python scripts/evaluate.py --ckpt run/checkpoints/best.ckpt --real_dir photos/ --class_word dog
+    python scripts/evaluate.py --ckpt logs/2025-01-01T00-00-00_demo --toy_subject box
+
+The toy world (`--toy_subject ball|box|cup`, see README "The toy world") is measured by its own
+evaluator (ldm.eval.toy_runs: subject rate and similarity, subject colour, class, prompt
+fidelity, PRES, DIV), on the CPU, from --n_samples (default 8) images of each of its 5 contexts
+and --n_class_images (32) of the class prompt, --ddim_steps (50), --scale (5.0), --seed (0);
+no images are written, and the figures of a run's last.ckpt go into the run's summary.
 
 `--ckpt` is a run folder (its last.ckpt) or a checkpoint; its config comes from the checkpoint
 (training checkpoints carry it) or `--config`. For each of the 25 DreamBench prompts of the
@@ -26,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoint import load_model_from_config, read_checkpoint
 from ldm.config_files import config_from_data, read_config_file
 from ldm.data.images import ImageFiles, check_image_folder
+from ldm.eval import toy_runs
 from ldm.eval.clip import DEFAULT_ARCH
 from ldm.eval.dreambench import (
     Subject,
@@ -45,6 +53,7 @@ from ldm.eval.generate import (
 )
 from ldm.eval.metrics import Evaluator, strip_identifier
 from ldm.eval.report import PAPER_TABLE1, json_safe, markdown_table, write_report
+from ldm.eval.toy import load_toy_evaluator
 from ldm.sample import prepare_for_sampling
 from ldm.train.state import RunDir
 from ldm.train.trackers import record_evaluation
@@ -70,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dreambench_root", help="the DreamBench folder of subject folders")
     p.add_argument("--real_dir", help="your own subject's photos (with --class_word)")
     p.add_argument("--class_word", help="your subject's class noun, e.g. dog")
+    p.add_argument("--toy_subject", help="or a toy-world subject: ball, box or cup")
     p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
                    help="live-subject prompts (default: for dogs and cats, as DreamBench)")  # fmt: skip
     p.add_argument("--outdir", help="default: RUN/eval/<checkpoint>/<subject>")
@@ -314,9 +324,31 @@ def fail(e: Exception) -> int:
     return 1
 
 
+def evaluate_toy(argv: list[str]) -> int:
+    """`--toy_subject S --ckpt RUN [sampling flags]`: the toy world's figures of the run."""
+    p = argparse.ArgumentParser(prog="evaluate.py", add_help=False, allow_abbrev=False)
+    p.add_argument("--toy_subject", required=True)
+    p.add_argument("--ckpt", required=True)
+    opt, flags = p.parse_known_args(argv)
+    try:
+        settings = toy_runs.settings_from_flags(flags)
+        ckpt = toy_runs.run_checkpoint(opt.ckpt)
+        figures = toy_runs.evaluate_run(ckpt, load_toy_evaluator(), opt.toy_subject, **settings)
+        run = RunDir(ckpt.parent.parent)
+        if ckpt == run.last:  # as record_in_run: only last.ckpt's figures describe the run
+            record_evaluation(run.root, toy_runs.checkpoint_config(ckpt), figures)
+    except (ValueError, OSError) as e:
+        return fail(e)
+    print(toy_runs.markdown(f"{ckpt}: {opt.toy_subject}", figures))
+    return 0
+
+
 def main(argv: list[str] | None = None, evaluator: Evaluator | None = None) -> int:
     """Exit code 0, or 1 with one line on stderr. `evaluator` replaces the networks built from
     the weight flags (tests pass tiny ones)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--toy_subject" or a.startswith("--toy_subject=") for a in argv):
+        return evaluate_toy(argv)
     opt = parser().parse_args(argv)
     try:
         target = resolve(opt)

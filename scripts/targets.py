@@ -25,8 +25,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ldm.data import toyworld
+from ldm.eval import toy_runs
 from ldm.eval.dreambench import custom_subject, dreambench_subject
 from ldm.eval.report import HEADERS, METRICS, PAPER_TABLE3, PAPER_TABLE4
+from ldm.eval.toy import load_toy_evaluator
 from scripts import evaluate
 
 WRONG_CLASSES = ("can", "backpack")  # the paper's example, and a stand-in for the can subject
@@ -175,10 +178,66 @@ class PhotosTarget(EvaluateScriptTarget):
         return ["--real_dir", self.real_dir, "--class_word", self.class_word]
 
 
-TARGETS: dict[str, type[Target]] = {t.kind: t for t in (DreamBenchTarget, PhotosTarget)}
+TOY_SUBJECTS = tuple(toyworld.SUBJECTS)  # ball, box, cup
 
 
-TARGET_FLAGS = ("subjects", "dreambench_root", "real_dir", "class_word")  # as parsed
+@dataclass(frozen=True)
+class ToyTarget(Target):
+    """The toy world's subjects (`names`: ball, box, cup; photos in data/toy/<name>), measured by
+    its evaluator (ldm.eval.toy): `n_per_prompt` samples of "a photo of a sks <class> <context>"
+    in each of the 5 contexts and `n_class` of "a photo of a <class>", DDIM `ddim_steps` steps
+    at guidance `scale`. Base config of its runs: configs/dreambooth/demo.yaml."""
+
+    names: tuple[str, ...] = TOY_SUBJECTS
+    n_per_prompt: int = 8
+    n_class: int = 32
+    ddim_steps: int = 50
+    scale: float = 5.0
+    seed: int = 0
+
+    kind = "toy"
+    metrics = tuple(toy_runs.METRIC_HEADERS)
+    subject_metrics = ("subject_rate", "subject_sim", "colour_rate", "class_acc")
+    headers = toy_runs.METRIC_HEADERS
+    notes = "Toy world (ldm.eval.toy). " + toy_runs.NOTES
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.names if n not in TOY_SUBJECTS]
+        if unknown or not self.names:
+            raise ValueError(
+                f"toy subjects: {', '.join(unknown) or 'none given'}: "
+                f"choose from {', '.join(TOY_SUBJECTS)}"
+            )
+        if min(self.n_per_prompt, self.n_class, self.ddim_steps) < 1:
+            raise ValueError("toy evaluation: n_per_prompt, n_class and ddim_steps must be >= 1")
+
+    def subjects(self, out: Path) -> list[TargetSubject]:
+        root = Path(__file__).resolve().parents[1] / "data" / "toy"
+        return [
+            TargetSubject(name, toyworld.SUBJECTS[name].cls, str(root / name))
+            for name in self.names
+        ]
+
+    def wrong_class(self, subject: TargetSubject) -> str:
+        """The next class of the world (ball -> box -> cup -> ball): a noun the base knows."""
+        return TOY_SUBJECTS[(TOY_SUBJECTS.index(subject.class_word) + 1) % len(TOY_SUBJECTS)]
+
+    def load(self, device: str | None) -> Any:
+        return load_toy_evaluator()  # it and the toy models run on the CPU: 64 px images
+
+    def evaluate(
+        self, networks: Any, run: Path, subject: TargetSubject, device: str | None
+    ) -> dict[str, float]:
+        settings = {k: getattr(self, k) for k in toy_runs.SETTINGS}
+        figures = toy_runs.evaluate_run(run, networks, subject.name, **settings)
+        print(toy_runs.markdown(f"{run.name}: {subject.name}", figures), flush=True)
+        return figures
+
+
+TARGETS: dict[str, type[Target]] = {t.kind: t for t in (DreamBenchTarget, PhotosTarget, ToyTarget)}
+
+
+TARGET_FLAGS = ("subjects", "dreambench_root", "real_dir", "class_word", "toy_subjects")  # parsed
 
 
 def add_target_arguments(p: argparse.ArgumentParser, several: bool) -> None:
@@ -191,6 +250,11 @@ def add_target_arguments(p: argparse.ArgumentParser, several: bool) -> None:
     p.add_argument("--dreambench_root", help="the folder of DreamBench subject folders")
     p.add_argument("--real_dir", help="or your own subject's photos (with --class_word)")
     p.add_argument("--class_word", help="your subject's class noun, e.g. dog")
+    p.add_argument(
+        "--toy_subjects" if several else "--toy_subject",
+        dest="toy_subjects",
+        help="or the toy world's subjects, comma-separated: " + ",".join(TOY_SUBJECTS),
+    )
 
 
 def names_target(opt: argparse.Namespace) -> bool:
@@ -202,6 +266,11 @@ def target_of(opt: argparse.Namespace, flags: Sequence[str]) -> Target:
     """The target the flags of `add_target_arguments` name; `flags` are further evaluate.py
     flags. Another kind of target gets its flags here."""
     flags = tuple(flags)
+    if getattr(opt, "toy_subjects", None):
+        if opt.subjects or opt.real_dir:
+            raise ValueError("pass toy subjects, DreamBench subjects or --real_dir, one of them")
+        names = tuple(s for s in opt.toy_subjects.split(",") if s)
+        return ToyTarget(names, **toy_runs.settings_from_flags(flags))
     if opt.subjects and opt.real_dir:
         raise ValueError("pass DreamBench subjects or --real_dir, not both")
     if opt.subjects:

@@ -10,7 +10,11 @@ subjects), and gives the world's analogues of the paper's metrics (`ldm.eval.met
 - PRES: `pres`, the class-prompt samples it calls the subject (lower is better), and `pres_sim`,
   their embedding similarity to the subject's renders (the paper's DINO form of PRES);
 - DIV: `div`, the mean pairwise distance of same-prompt samples in the classifier's feature maps
-  (channel-normalised and spatially averaged, as LPIPS does without its learned weights).
+  (channel-normalised and spatially averaged, as LPIPS does without its learned weights), and
+  `class_div`, that of the class-prompt samples;
+- the subject's body colour as the colour head reads it: `colour_rate` (subject-prompt samples)
+  and `pres_colour` (class-prompt samples). The subject head, trained on sharp renders, is too
+  strict on generated images; the colour is what it sees move first (the demo's box turns blue).
 """
 
 from __future__ import annotations
@@ -237,6 +241,12 @@ def groups_by_prompt(prompts: Sequence[ToyPrompt]) -> list[list[int]]:
     return list(groups.values())
 
 
+def subject_colour(subject: str) -> str:
+    """The colour name of a subject's body ("blue" for the box): what the colour head reads."""
+    rgb = tw.SUBJECTS[subject].colour
+    return min(tw.COLOURS, key=lambda c: sum((a - b) ** 2 for a, b in zip(tw.COLOURS[c], rgb)))
+
+
 def subject_metrics(
     evaluator: ToyEvaluator,
     samples: Sequence[Image.Image],
@@ -248,9 +258,11 @@ def subject_metrics(
     """The paper's per-subject metrics in the toy world (see the module docstring)."""
     read, real_read = evaluator.read(samples), evaluator.read(real)
     accuracy = prompt_accuracy(read, prompts)
+    colour = subject_colour(subject)
     result = {
         "subject_rate": fraction([s == subject for s in read.labels["subject"]]),
         "subject_sim": mean_cosine(read.embeddings, real_read.embeddings),
+        "colour_rate": fraction([c == colour for c in read.labels["colour"]]),
         "prompt_fidelity": accuracy["context_acc"],
         "class_acc": accuracy["cls_acc"],
         "div": evaluator.diversity(read, groups_by_prompt(prompts)),
@@ -259,6 +271,7 @@ def subject_metrics(
         class_read = evaluator.read(class_samples)
         result["pres"] = fraction([s == subject for s in class_read.labels["subject"]])
         result["pres_sim"] = mean_cosine(class_read.embeddings, real_read.embeddings)
+        result["pres_colour"] = fraction([c == colour for c in class_read.labels["colour"]])
         result["class_div"] = evaluator.diversity(class_read, [range(len(class_samples))])
     return result
 
