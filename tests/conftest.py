@@ -46,3 +46,10 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def class_root(tmp_path_factory):
+    """A class-image folder per test module: its first run samples the images, the rest reuse
+    them."""
+    return tmp_path_factory.mktemp("class_images")

@@ -22,11 +22,6 @@ from .train_helpers import CPU, run, small_config
 CUDA = torch.device("cuda")  # a device name only: nothing runs on it
 
 
-@pytest.fixture(scope="module")
-def class_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("class_images")
-
-
 def eager_and_captured(cfg):
     """Two sessions that start identical: one steps eagerly, one through the captured step."""
     eager = setup(cfg, CPU, None, False, RunLogger(None, 0, cfg.train.max_steps))

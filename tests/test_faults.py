@@ -19,11 +19,6 @@ from ldm.train.state import rng_state
 from .train_helpers import CPU, TINY, run, small_config, small_overrides
 
 
-@pytest.fixture(scope="module")
-def class_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("class_images")
-
-
 def one_line_error(capsys, argv: list[str]) -> str:
     assert main.main(argv) == 1, argv
     err = capsys.readouterr().err

@@ -35,11 +35,6 @@ LORA = ["train.trainable=[lora,text_encoder_lora]", "train.lr=1e-2", "train.lora
 
 
 @pytest.fixture(scope="module")
-def class_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("class_images")
-
-
-@pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, class_root):
     """A 2-step LoRA run (UNet and text encoder adapters, bf16, EMA, sample grids with the EMA
     at the start and at step 2) from a saved base."""

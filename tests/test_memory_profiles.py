@@ -29,11 +29,6 @@ from .train_helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def class_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("class_images")
-
-
 @pytest.fixture
 def small_buckets(monkeypatch):
     """Buckets and 8-bit windows small enough that the tiny model has many of each."""

@@ -3,7 +3,6 @@ metrics.csv on resume, leftovers of killed and failed runs, one folder per run."
 
 import os
 
-import pytest
 import torch
 
 import main
@@ -12,11 +11,6 @@ from ldm.train import state as run_state
 from ldm.train.state import claim_run_dir
 
 from .train_helpers import TINY, metrics, scripted_validation, small_overrides
-
-
-@pytest.fixture(scope="module")
-def class_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("class_images")
 
 
 def only_run(logdir):

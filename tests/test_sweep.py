@@ -23,11 +23,6 @@ from .train_helpers import TINY, metrics, small_overrides
 DOG_PHOTOS = ROOT / "data" / "demo" / "dog"
 
 
-@pytest.fixture(scope="module")
-def class_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("class_images")
-
-
 def test_grid_combinations_and_run_names():
     axes = sweep.parse_grid(["train.lr=1e-6,5e-6", "train.trainable=[unet],[unet,text_encoder]"])
     assert axes == [

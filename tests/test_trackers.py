@@ -18,11 +18,6 @@ from .conftest import ROOT
 from .train_helpers import TINY, hparams_record, metrics, small_overrides
 
 
-@pytest.fixture(scope="module")
-def class_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("class_images")
-
-
 def train_cli(logdir, class_root, *extra: str) -> int:
     return main.main(
         ["-b", str(TINY), "-t", "-l", str(logdir), *small_overrides(class_root, *extra)]

@@ -19,12 +19,6 @@ from .train_helpers import CPU, base_checkpoint, metrics, run, small_config, wei
 SKS = 48136
 
 
-@pytest.fixture(scope="module")
-def class_root(tmp_path_factory):
-    """Two class images, sampled once by the first run and reused."""
-    return tmp_path_factory.mktemp("class_images")
-
-
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
@@ -27,11 +26,6 @@ from .train_helpers import (
     small_overrides,
     weights,
 )
-
-
-@pytest.fixture(scope="module")
-def class_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("class_images")
 
 
 def only_run(logdir):
