@@ -10,8 +10,9 @@ number; a parked module used by mistake fails loudly (meta tensors have no data)
 Expected peak. `expected_peak` counts, from parameter counts and dtypes, what the device holds in
 a step: weights, optimizer state and EMA all the time; the activations autograd keeps for backward
 (counted by running the UNet on the meta device: no memory, no compute; plus the copies autocast
-makes of float32 weights, which backward keeps too) at the end of the forward; the gradients (all of them, or a couple of buckets with fused backward) and the 8-bit
-step's scratch at the end of the backward. `peak_bytes` takes the larger of the two moments.
+makes of float32 weights, which backward keeps too) at the end of the forward; the gradients (all
+of them, or a couple of buckets with fused backward) and the 8-bit step's scratch at the end of
+the backward. `peak_bytes` takes the larger of the two moments.
 """
 
 from contextlib import contextmanager
@@ -21,8 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.attention import BasicTransformerBlock
-from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.train.adamw8bit import state_bytes, window_numel
 from ldm.train.optim import FusedBackwardOptimizer
 from ldm.train.trainable import text_encoder_trains
@@ -111,11 +110,8 @@ def activation_bytes(
     with torch.device(META):
         unet = instantiate_from_config(unet_cfg).to(dtype)
     unet.set_gradient_checkpointing(checkpointing)
-    recomputed = set()
-    if checkpointing:
-        for module in unet.modules():
-            if isinstance(module, (ResBlock, BasicTransformerBlock)):
-                recomputed |= {id(p) for p in module.parameters()}
+    blocks = unet.checkpointed_blocks() if checkpointing else []
+    recomputed = {id(p) for block in blocks for p in block.parameters()}
     casts = sum(
         p.numel() * dtype.itemsize
         for name, p in unet.named_parameters()

@@ -276,13 +276,17 @@ class UNetModel(nn.Module):
             zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
         )
 
+    def checkpointed_blocks(self) -> list[nn.Module]:
+        """The blocks gradient checkpointing recomputes: every ResBlock and transformer block."""
+        return [m for m in self.modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute every ResBlock and transformer block in the backward pass."""
+        """Recompute the checkpointed blocks in the backward pass."""
         self.use_checkpoint = enabled
-        for module in self.modules():
+        for module in self.checkpointed_blocks():
             if isinstance(module, ResBlock):
                 module.use_checkpoint = enabled
-            elif isinstance(module, BasicTransformerBlock):
+            else:
                 module.checkpoint = enabled
 
     def forward(
