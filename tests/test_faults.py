@@ -9,6 +9,7 @@ import torch
 
 import main
 from ldm.checkpoint import SaveError, save_checkpoint
+from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.train import prior
 from ldm.train.distributed import DistEnv
 from ldm.train.logger import RunLogger
@@ -131,6 +132,22 @@ def test_sigterm_during_class_image_sampling_exits_0_with_a_line(tmp_path, capsy
     assert "stop signal during class-image sampling" in capsys.readouterr().out
     assert len(list(class_root.glob("prior_*.png"))) == 1  # the batch under way is finished
     assert list((tmp_path / "logs").iterdir()) == []  # no checkpoint: no run folder
+
+
+def test_sigterm_while_caching_latents_exits_0_before_the_first_step(
+    tmp_path, capsys, monkeypatch, class_root
+):
+    encode = LatentDiffusion.encode_first_stage
+
+    def encode_then_sigterm(self, x):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return encode(self, x)
+
+    monkeypatch.setattr(LatentDiffusion, "encode_first_stage", encode_then_sigterm)
+    args = ["-b", str(TINY), "-t", "-l", str(tmp_path / "logs"), *small_overrides(class_root)]
+    assert main.main(args) == 0
+    assert "stop signal while caching latents" in capsys.readouterr().out
+    assert list((tmp_path / "logs").iterdir()) == []  # no step, no checkpoint: no run folder
 
 
 def test_center_crop_off_trains_and_validates_on_center_crops(tmp_path, class_root):

@@ -42,28 +42,39 @@ class PositionSampler(Sampler):
 
 class LatentCache:
     """VAE moments [N, 2 flips, 2C, h, w] of every center-cropped instance and class image, so the
-    VAE runs once; each step still samples the posterior with that sample's own noise."""
+    VAE runs once; each step still samples the posterior with that sample's own noise.
+    `should_stop()` is asked before each batch: true stops the encoding (`self.complete` False)."""
 
     def __init__(
-        self, model, dataset: DreamBoothDataset, device: torch.device, batch_size: int = 8
+        self,
+        model,
+        dataset: DreamBoothDataset,
+        device: torch.device,
+        batch_size: int = 8,
+        should_stop=lambda: False,
     ):
         flips = (False, True) if dataset.flip_p > 0 else (False,)
-        self.instance = self._encode(
-            model, dataset.instance_pixels, len(dataset.instance_paths), flips, device, batch_size
-        )
-        self.klass = None
+        parts = [("instance", dataset.instance_pixels, len(dataset.instance_paths))]
         if dataset.with_prior:
-            self.klass = self._encode(
-                model, dataset.class_pixels, len(dataset.class_paths), flips, device, batch_size
-            )
+            parts.append(("klass", dataset.class_pixels, len(dataset.class_paths)))
+        self.instance = self.klass = None
+        self.complete = False
+        for name, pixels, count in parts:
+            table = self._encode(model, pixels, count, flips, device, batch_size, should_stop)
+            if table is None:
+                return
+            setattr(self, name, table)
+        self.complete = True
 
     @staticmethod
     @torch.no_grad()
-    def _encode(model, pixels, count: int, flips, device, batch_size: int) -> torch.Tensor:
+    def _encode(model, pixels, count: int, flips, device, batch_size: int, should_stop):
         keys = [(i, f) for i in range(count) for f in flips]
         moments = []
         dtype = next(model.first_stage_model.parameters()).dtype
         for start in range(0, len(keys), batch_size):
+            if should_stop():
+                return None
             x = torch.stack([pixels(i, f) for i, f in keys[start : start + batch_size]])
             posterior = model.encode_first_stage(x.to(device=device, dtype=dtype))
             moments.append(posterior.parameters.float().cpu())

@@ -43,7 +43,7 @@ class TrainingError(RuntimeError):
 
 
 class Stopped(Exception):
-    """A stop signal arrived before training began (during class-image sampling)."""
+    """A stop signal arrived before training began (class-image sampling, latent caching)."""
 
 
 class DreamBoothLoss(nn.Module):
@@ -183,7 +183,10 @@ def prepare(
     dataset = build_dataset(cfg)
     cache = None
     if tc.cache_latents and dc.center_crop:
-        cache = LatentCache(model, dataset, env.device)
+        cache = LatentCache(model, dataset, env.device, should_stop=should_stop)
+        if distributed.any_rank(not cache.complete, env):
+            raise Stopped("stop signal while caching latents, before the first step: the same "
+                          "command starts again")  # fmt: skip
     elif tc.cache_latents:
         logger.message("latent cache off: random crop (data.center_crop=false) has no fixed pixels")
     return dataset, cache, groups, frozen_state
