@@ -21,7 +21,14 @@ import torchvision.transforms.functional as TF
 
 from ldm.checkpoint import save_safetensors
 from ldm.data import toyworld as tw
-from ldm.eval.toy import HEADS, ToyEvaluator, ToyWorldClassifier, labels_of, near_miss_scene
+from ldm.eval.toy import (
+    HEADS,
+    ToyEvaluator,
+    ToyWorldClassifier,
+    labels_of,
+    looks_like_a_subject,
+    near_miss_scene,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +48,8 @@ def scenes(seed: int, ordinary: int) -> list[tw.Scene]:
     for name in tw.SUBJECTS:
         out += [tw.scene(seed, i, subject=name) for i in range(ordinary // 6)]
     out += [near_miss_scene(seed, i) for i in range(ordinary // 4)]
-    out += [tw.patterned_scene(seed, i) for i in range(ordinary // 8)]
+    patterned = [tw.patterned_scene(seed, i) for i in range(ordinary // 8)]
+    out += [s for s in patterned if not looks_like_a_subject(s.look)]
     return out
 
 
@@ -53,22 +61,34 @@ def render_all(items: list[tw.Scene]) -> tuple[torch.Tensor, dict[str, torch.Ten
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Degradations a generated image can have, drawn per image, on x [B, 3, H, W] in [-1, 1]:
-    blur and loss of resolution as strong as an f=8 autoencoder's, noise, brightness and
-    contrast. A generator's images are never sharper than its autoencoder's reconstructions."""
-    u = torch.rand(x.shape[0], 6, generator=generator)
-    out = []
-    for img, (blur, low, size, noise, bright, contrast) in zip(x, u.tolist()):
-        if low < 0.3:  # down to 16-32 pixels and back up
-            side = 16 + int(16 * size)
-            img = F.interpolate(img[None], size=side, mode="bilinear", antialias=True)
-            img = F.interpolate(img, size=x.shape[-1], mode="bilinear")[0]
-        if blur < 0.7:
-            img = TF.gaussian_blur(img, kernel_size=9, sigma=0.3 + 2.2 * blur / 0.7)
-        mean = img.mean()
-        img = (img - mean) * (0.85 + 0.3 * contrast) + mean + 0.16 * (bright - 0.5)
-        img = img + 0.08 * noise * torch.randn(img.shape, generator=generator)
-        out.append(img)
-    return torch.stack(out).clamp(-1, 1)
+    loss of resolution and blur as strong as an autoencoder's, blotches (low-frequency noise, the
+    texture of a diffusion model's not-quite-denoised latents), a drift of each colour channel,
+    pixel noise, brightness and contrast. A generator's images are never sharper than its
+    autoencoder's reconstructions, and its colours are never exact."""
+    n, side = x.shape[0], x.shape[-1]
+    u = torch.rand(n, 8, generator=generator)
+    low = u[:, 0] < 0.3  # down to 16-32 pixels and back up
+    for i in low.nonzero().flatten().tolist():
+        small = F.interpolate(x[i : i + 1], size=16 + int(16 * u[i, 1]), mode="bilinear",
+                              antialias=True)  # fmt: skip
+        x[i] = F.interpolate(small, size=side, mode="bilinear")[0]
+    blurred = []
+    for img, b in zip(x, u[:, 2].tolist()):  # sigma 0.3-2.5 for 70% of the images
+        blurred.append(TF.gaussian_blur(img, 9, 0.3 + 2.2 * b / 0.7) if b < 0.7 else img)
+    x = torch.stack(blurred)
+    cells = 4 * 2 ** torch.randint(0, 3, (1,), generator=generator).item()  # 4, 8 or 16 cells
+    blotches = torch.randn(n, 3, cells, cells, generator=generator)
+    blotches = (
+        F.interpolate(blotches, size=side, mode="bilinear")
+        * (0.15 * u[:, 3] * (u[:, 4] < 0.5))[:, None, None, None]
+    )
+    shift = 0.1 * torch.randn(n, 3, 1, 1, generator=generator)  # per channel: about 13/255
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = (0.85 + 0.3 * u[:, 5])[:, None, None, None]
+    bright = (0.16 * (u[:, 6] - 0.5))[:, None, None, None]
+    noise = 0.08 * u[:, 7, None, None, None] * torch.randn(x.shape, generator=generator)
+    x = (x - mean) * contrast + mean + bright + shift + blotches + noise
+    return x.clamp(-1, 1)
 
 
 def loss_of(net: ToyWorldClassifier, x: torch.Tensor, targets: dict[str, torch.Tensor]):

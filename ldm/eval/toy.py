@@ -13,8 +13,11 @@ subjects), and gives the world's analogues of the paper's metrics (`ldm.eval.met
   (channel-normalised and spatially averaged, as LPIPS does without its learned weights), and
   `class_div`, that of the class-prompt samples;
 - the subject's body colour as the colour head reads it: `colour_rate` (subject-prompt samples)
-  and `pres_colour` (class-prompt samples). The subject head, trained on sharp renders, is too
-  strict on generated images; the colour is what it sees move first (the demo's box turns blue).
+  and `pres_colour` (class-prompt samples).
+
+Its training images are degraded the way generated ones are (blur, lost resolution, blotches,
+colours off by a shade), and its near misses differ from a subject by a whole colour, so it calls
+a generated subject the subject, and not a box that merely has a blue body.
 """
 
 from __future__ import annotations
@@ -151,13 +154,34 @@ def fraction(flags: Sequence[bool]) -> float:
     return sum(flags) / len(flags) if flags else math.nan
 
 
+NEAR_MISS_DISTANCE = 120.0  # RGB distance of a near miss's changed colour from the subject's
+
+
+def looks_like_a_subject(look: tw.SubjectSpec) -> bool:
+    """A patterned object within NEAR_MISS_DISTANCE of a subject in both colours, with its class
+    and pattern: as a training image it could not be told from the subject by eye."""
+    return any(
+        look.cls == spec.cls
+        and look.pattern == spec.pattern
+        and math.dist(look.colour, spec.colour) < NEAR_MISS_DISTANCE
+        and math.dist(look.detail, spec.detail) < NEAR_MISS_DISTANCE
+        for spec in tw.SUBJECTS.values()
+    )
+
+
 def near_miss_scene(seed: int, index: int) -> tw.Scene:
     """A subject with another body or detail colour: no subject, but close to one, so the
-    classifier learns the subject's whole look rather than "has a pattern"."""
+    classifier learns the subject's whole look rather than "has a pattern". The new colour is at
+    least NEAR_MISS_DISTANCE from the one it replaces: a generator's colours drift by less, and a
+    near miss that differs by a shade would teach the classifier to reject faithful samples."""
     rng = np.random.default_rng(keyed_seed(seed, "near-miss", index))
     spec = tw.SUBJECTS[list(tw.SUBJECTS)[rng.integers(len(tw.SUBJECTS))]]
-    colour = tuple(int(v) for v in rng.integers(20, 250, size=3))
-    spec = replace(spec, colour=colour) if rng.random() < 0.5 else replace(spec, detail=colour)
+    field = "colour" if rng.random() < 0.5 else "detail"
+    while True:
+        colour = tuple(int(v) for v in rng.integers(20, 250, size=3))
+        if math.dist(colour, getattr(spec, field)) >= NEAR_MISS_DISTANCE:
+            break
+    spec = replace(spec, **{field: colour})
     scene = tw.sample_scene(rng, cls=spec.cls)
     return replace(scene, colour=None, look=replace(spec, name=""))
 

@@ -30,9 +30,8 @@ METRIC_HEADERS = {
 # The sampling settings of `evaluate_dreambooth` a target or the command line may set.
 SETTINGS = ("n_per_prompt", "n_class", "ddim_steps", "scale", "seed")
 NOTES = (
-    "Subject rate and PRES: the evaluator's subject head (trained on sharp renders, it is too "
-    "strict on generated images: for the box and the cup near 0 even where the grids show the "
-    "subject). Subject sim: "
+    "Subject rate and PRES: samples of the subject / class prompt the evaluator's subject head "
+    "calls the subject. Subject sim: "
     "cosine of its embeddings to 16 renders of the subject (DINO's analogue); PRES sim: the same "
     "for the class prompt's samples. Subject colour / PRES colour: samples of the subject / class "
     "prompt whose colour head reads the subject's body colour (red ball, blue box, white cup). "
