@@ -1,4 +1,4 @@
-"""Pretrain the toy world's base model from scratch (about 40 minutes on 2 CPU cores).
+"""Pretrain the toy world's base model from scratch (about 45 minutes on 2 CPU cores).
 
     python scripts/pretrain_toy.py            # writes models/toy/base.safetensors
 

@@ -16,7 +16,7 @@ N_PER_PROMPT = 8
 # Measured (seed 1 sampling, the demo's lr, 300 steps; README "The toy world"): the base calls no
 # "sks box" the subject; after training MIN_SUBJECT is far below what the run reaches and far
 # above what each broken run reaches (the loss target's sign, the prior term, the identifier).
-MIN_SUBJECT = 0.2
+MIN_SUBJECT = 0.3
 MAX_PRES = 0.2
 
 
