@@ -62,26 +62,28 @@ def test_the_evaluator_reads_clean_renders(evaluator):
     assert toy.fraction([s != toy.NONE for s in evaluator.read(misses).labels["subject"]]) <= 0.1
 
 
+def drifted(colour: tuple, rng: torch.Generator, by: int = 40) -> tuple:
+    """An RGB colour with each channel moved by up to `by`, as a generator's colours drift."""
+    moved = torch.tensor(colour) + torch.randint(-by, by + 1, (3,), generator=rng)
+    return tuple(int(v) for v in moved.clamp(0, 255))
+
+
 def test_the_evaluator_forgives_a_generators_drift_but_not_another_look(evaluator):
     """A generated subject is never exact: its colours drift by a shade and its edges blur. The
-    subject head must still call it the subject, and call a near miss (one colour changed by at
-    least NEAR_MISS_DISTANCE) none. The first evaluator, whose near misses could differ from the
-    subject by a shade, called almost no generated subject the subject."""
+    subject head must still call it the subject; a near miss (read as none above) changes one
+    colour by at least NEAR_MISS_DISTANCE. The first evaluator, whose near misses could differ
+    from the subject by a shade, called almost no generated subject the subject."""
     rng = torch.Generator().manual_seed(0)
-    drifted, names = [], []
+    images, names = [], []
     for i in range(12):
         for name, spec in tw.SUBJECTS.items():
-            shift = lambda c: tuple(  # noqa: E731
-                int(v)
-                for v in (torch.tensor(c) + torch.randint(-40, 41, (3,), generator=rng)).clamp(
-                    0, 255
-                )
+            look = replace(
+                spec, colour=drifted(spec.colour, rng), detail=drifted(spec.detail, rng), name=""
             )
-            look = replace(spec, colour=shift(spec.colour), detail=shift(spec.detail), name="")
             scene = replace(tw.scene(98, i, subject=name), subject=None, look=look)
-            drifted.append(tw.render(scene).filter(ImageFilter.GaussianBlur(1.5)))
+            images.append(tw.render(scene).filter(ImageFilter.GaussianBlur(1.5)))
             names.append(name)
-    read = evaluator.read(drifted).labels["subject"]
+    read = evaluator.read(images).labels["subject"]
     assert toy.fraction([a == b for a, b in zip(read, names)]) >= 0.95  # the first: 0.81
     for i in range(30):
         look = toy.near_miss_scene(99, i).look
