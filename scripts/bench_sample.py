@@ -1,12 +1,13 @@
-"""Sampling speed: DDIM steps/s and seconds per image, with classifier-free guidance.
+"""Sampling speed: steps/s and seconds per image, with classifier-free guidance.
 
     python scripts/bench_sample.py [--config configs/stable-diffusion/v1-inference.yaml]
-        [--ckpt FILE] [--H 512 --W 512] [--batch 1 [4 ...]] [--steps 50] [--precision autocast]
-        [--device cuda] [--compile] [--capture] [--runs 3]
+        [--ckpt FILE] [--H 512 --W 512] [--batch 1 [4 ...]] [--sampler ddim] [--steps 50]
+        [--precision autocast] [--device cuda] [--compile] [--capture] [--runs 3]
 
-Runs `ldm.sample.generate` (the txt2img path: text encoding, DDIM with one batched forward of
-[uncond, cond] per step, VAE decoding) once to warm up, then `--runs` times timed, for each
-`--batch`. Steps/s covers the DDIM loop (from the end of its first step to the end of its last);
+Runs `ldm.sample.generate` (the txt2img path: text encoding, the sampler (DDIM or DPM-Solver++)
+with one batched forward of [uncond, cond] per step, VAE decoding) once to warm up, then
+`--runs` times timed, for each `--batch`. Steps/s covers the sampler's loop (from the end of its
+first step to the end of its last);
 s/image covers the whole of `generate`; peak GiB is the peak memory of those calls (CUDA
 allocated, or the process's RSS on the CPU). `--capture` replays the guided UNet call from a
 CUDA graph (unverified on a GPU; the plain sampler without CUDA). Without `--ckpt` the weights
@@ -23,14 +24,15 @@ import torch
 
 from ldm.checkpoint import load_model_from_config
 from ldm.config_files import read_config_file
+from ldm.models.diffusion.captured import SAMPLERS
 from ldm.sample import generate, prepare_for_sampling, seeded_noise
 from ldm.train.logger import peak_memory_gb, reset_peak_memory
 from ldm.util import default_precision, instantiate_from_config
 
 VAE_FACTOR = 8  # pixels per latent, in every SD config
 HEADER = (
-    "| device | config | H x W | batch | steps | precision | compile | capture | DDIM steps/s "
-    "| s/image | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| device | config | H x W | batch | sampler | steps | precision | compile | capture | steps/s "
+    "| s/image | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -81,7 +83,7 @@ def build_model(opt: argparse.Namespace) -> torch.nn.Module:
 
 
 def bench(model: torch.nn.Module, opt: argparse.Namespace, batch: int) -> dict:
-    """DDIM steps/s and s/image (medians over the timed runs) and the peak memory, at `batch`."""
+    """Steps/s and s/image (medians over the timed runs) and the peak memory, at `batch`."""
     device = torch.device(opt.device)
     prompts = ["a photo of sks dog in a bucket"] * batch
     x_T = seeded_noise(
@@ -96,7 +98,7 @@ def bench(model: torch.nn.Module, opt: argparse.Namespace, batch: int) -> dict:
         # .cpu(), as txt2img does: it waits for the device to finish.
         generate(
             model, prompts, x_T, opt.steps, scale=opt.scale, precision=opt.precision,
-            capture=opt.capture, callback=timer,
+            capture=opt.capture, callback=timer, sampler=opt.sampler,
         ).cpu()  # fmt: skip
         total = time.perf_counter() - start
         if run > 0:
@@ -122,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[1],
         help="images per generate call (several: a row each)",
     )
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (at least 2)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (at least 2)")
     p.add_argument("--scale", type=float, default=7.5, help="guidance scale (1 = no guidance)")
     p.add_argument("--precision", choices=["full", "autocast", "fp16", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for batch in opt.batch:
         result = bench(model, opt, batch)
         row = [device_name(torch.device(opt.device)), Path(opt.config).stem, f"{opt.H} x {opt.W}"]
-        row += [str(batch), str(opt.steps), opt.precision]
+        row += [str(batch), opt.sampler, str(opt.steps), opt.precision]
         row += ["yes" if opt.compile else "no", "yes" if opt.capture else "no"]
         row += [f"{result['steps_per_s']:.2f}", f"{result['s_per_image']:.3f}"]
         row += [f"{result['peak_gb']:.2f}"]

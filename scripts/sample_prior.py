@@ -18,6 +18,7 @@ import torch
 from ldm.checkpoint import CheckpointError, load_model_from_config
 from ldm.config_files import read_config_file
 from ldm.data.dreambooth import DEFAULT_CLASS_TEMPLATE, format_prompt
+from ldm.models.diffusion.captured import SAMPLERS
 from ldm.sample import prepare_for_sampling
 from ldm.train import distributed
 from ldm.train.config import PriorConfig
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--outdir", required=True, help="the class folder to fill")
     p.add_argument("--num", type=int, default=200, help="images the folder should hold")
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (UNet calls)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         prior = PriorConfig(
             num_class_images=args.num,
             batch_size=args.batch_size,
+            sampler=args.sampler,
             ddim_steps=args.steps,
             scale=args.scale,
             negative_prompt=args.negative_prompt,

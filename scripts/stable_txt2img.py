@@ -22,6 +22,7 @@ from tqdm import tqdm, trange
 from ldm.checkpoint import load_model_from_config
 from ldm.config_files import read_config_file
 from ldm.formats.kohya import apply_lora_files
+from ldm.models.diffusion.captured import SAMPLERS
 from ldm.sample import generate, prepare_for_sampling, save_png, seeded_noise, to_pil
 from ldm.util import default_precision, size_multiple
 
@@ -54,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="trust the files: arbitrary unpickling, any config target",
     )
     p.add_argument("--outdir", default="outputs/txt2img-samples")
-    p.add_argument("--ddim_steps", type=int, default=50)
-    p.add_argument("--ddim_eta", type=float, default=0.0)
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    p.add_argument("--ddim_steps", type=int, default=50, help="sampler steps (UNet calls)")
+    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM's step noise (ddim only)")
     p.add_argument("--n_iter", type=int, default=2, help="sampling rounds")
     p.add_argument("--n_samples", type=int, default=3, help="batch size")
     p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default n_samples)")
@@ -120,6 +122,8 @@ def check_options(opt: argparse.Namespace, config: DictConfig) -> None:
     for flag in ("n_iter", "n_samples", "ddim_steps"):
         if getattr(opt, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1")
+    if opt.ddim_eta and opt.sampler != "ddim":
+        raise ValueError(f"--ddim_eta {opt.ddim_eta}: {opt.sampler} is deterministic (use ddim)")
     timesteps = config.params.get("timesteps", 1000)
     if opt.ddim_steps > timesteps:
         raise ValueError(f"--ddim_steps {opt.ddim_steps}: the model has {timesteps} timesteps")
@@ -182,6 +186,7 @@ def sample_all(
                 prompts,
                 x_T,
                 ddim_steps=opt.ddim_steps,
+                sampler=opt.sampler,
                 scale=opt.scale,
                 eta=opt.ddim_eta,
                 negative_prompt=opt.negative_prompt,

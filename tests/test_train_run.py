@@ -138,6 +138,7 @@ def test_config_errors_are_one_line(tmp_path, capsys):
         (["-b", str(tmp_path / "nope.yaml"), "-t"], "nope.yaml: no such config file"),
         (["-b", str(TINY), "-t", "train.precision=fp8"], "train.precision"),
         (["-b", str(TINY), "-t", "train.trainable=[vae]"], "train.trainable"),
+        (["-b", str(TINY), "-t", "prior.sampler=euler"], "prior.sampler: 'euler' (choose from"),
         (["-b", str(TINY), "-t", "--data_root", str(tmp_path)], f"{tmp_path}"),
         (["-r", str(tmp_path / "run"), "-b", str(TINY)], "key=value"),
         (["-t"], "pass a config with -b"),

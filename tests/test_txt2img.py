@@ -134,6 +134,7 @@ def _write_empty_prompts(tmp_path):
         ("bad H", "--H 60: must be a positive multiple of 16"),
         ("empty prompt file", "empty.txt: has no prompts"),
         ("too many steps", "--ddim_steps 2000: the model has 1000 timesteps"),
+        ("eta with dpmpp_2m", "--ddim_eta 0.5: dpmpp_2m is deterministic (use ddim)"),
         ("outdir is a file", "out.png: exists and is not a folder"),
     ],
 )
@@ -144,6 +145,7 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, ckpt, tiny_v2, capsys, case,
         "bad H": lambda: ["--H", "60"],
         "empty prompt file": lambda: ["--from-file", str(_write_empty_prompts(tmp_path))],
         "too many steps": lambda: ["--ddim_steps", "2000"],
+        "eta with dpmpp_2m": lambda: ["--sampler", "dpmpp_2m", "--ddim_eta", "0.5"],
         "outdir is a file": lambda: ["--outdir", str(tmp_path / "out.png")],
     }[case]()
     if case == "outdir is a file":

@@ -97,6 +97,7 @@ def sample_grid(
             [p for p in prompts for _ in range(n)],
             x_T,
             ddim_steps=sample_cfg.ddim_steps,
+            sampler=sample_cfg.sampler,
             scale=sample_cfg.scale,
             precision=precision,
             capture=capture,

@@ -60,6 +60,7 @@ def sample_class_images(
             [class_prompt] * len(indices),
             seeded_noise([prior_cfg.seed + i for i in indices], shape),
             ddim_steps=prior_cfg.ddim_steps,
+            sampler=prior_cfg.sampler,
             scale=prior_cfg.scale,
             negative_prompt=prior_cfg.negative_prompt,
             precision=precision,

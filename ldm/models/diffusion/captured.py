@@ -1,31 +1,36 @@
-"""DDIM with its guided UNet call replayed from a CUDA graph (`--capture`, `train.capture`).
+"""Samplers with their guided UNet call replayed from a CUDA graph (`--capture`, `train.capture`).
 
-A DDIM step is one batched UNet forward of [uncond, cond] plus a few elementwise operations.
+A DDIM or DPM-Solver++ step is one batched UNet forward of [uncond, cond] plus a few elementwise operations.
 The forward is hundreds of small kernels: at batch 1 on a large GPU, launching them costs more
 than running them. Here the guided call (cat, UNet, chunk, e_u + s (e_c - e_u)) is recorded once
-per batch shape and replayed at every step; the DDIM update around it stays as it is.
+per batch shape and replayed at every step; the sampler's update around it stays as it is.
 
 Graphs are kept per model (one per shape, dtype, scale and precision) until `release_graphs`:
 a graph reads the weights in place, so it follows training, but keeps its own activation memory.
 
-UNVERIFIED on a GPU (see `ldm.graphs`); without CUDA, `captured_sampler` is the plain sampler.
+UNVERIFIED on a GPU (see `ldm.graphs`); without CUDA, `make_sampler` gives the plain sampler.
 """
 
 import torch
 
 from ldm.graphs import GraphedCall, signature
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+
+# `sampler` in configs and on command lines: the update rule around the same guided UNet call.
+SAMPLERS = {"ddim": DDIMSampler, "dpmpp_2m": DPMSolverSampler}
 
 # The model's attribute that holds its graphs: they live and die with its weights (the graphs
 # refer to the model, so a cache beside it would keep it alive).
 GRAPHS = "_ddim_graphs"
 
 
-class CapturedDDIMSampler(DDIMSampler):
-    """DDIMSampler whose `guided_model_output` replays a graph per (inputs' shapes, scale)."""
+class Captured:
+    """Put before a sampler class: its `guided_model_output` replays a graph per (inputs'
+    shapes, scale, precision)."""
 
-    def __init__(self, model, precision: str, schedule: str = "linear"):
-        super().__init__(model, schedule)
+    def __init__(self, model, precision: str):
+        super().__init__(model)
         self.precision = precision
         self.graphs = model.__dict__.setdefault(GRAPHS, {})  # not a module, buffer or parameter
 
@@ -48,11 +53,25 @@ class CapturedDDIMSampler(DDIMSampler):
         return guided
 
 
-def captured_sampler(model, precision: str) -> DDIMSampler:
-    """The graphed sampler on CUDA; elsewhere the plain one (same results, no graphs)."""
-    if model.betas.device.type != "cuda":
-        return DDIMSampler(model)
-    return CapturedDDIMSampler(model, precision)
+class CapturedDDIMSampler(Captured, DDIMSampler):
+    pass
+
+
+class CapturedDPMSolverSampler(Captured, DPMSolverSampler):
+    pass
+
+
+CAPTURED = {"ddim": CapturedDDIMSampler, "dpmpp_2m": CapturedDPMSolverSampler}
+
+
+def make_sampler(model, kind: str = "ddim", capture: bool = False, precision: str = "full"):
+    """The `kind` sampler of SAMPLERS; with `capture` on CUDA its graphed twin (elsewhere the
+    plain one: same results, no graphs)."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"sampler {kind!r}: choose one of {', '.join(SAMPLERS)}")
+    if capture and model.betas.device.type == "cuda":
+        return CAPTURED[kind](model, precision)
+    return SAMPLERS[kind](model)
 
 
 def release_graphs(model) -> None:
