@@ -46,7 +46,7 @@ def settings(opt) -> dict:
     if opt.tiny:
         return dict(
             base="configs/dreambooth/tiny-random.yaml", sample="configs/stable-diffusion/v1-tiny.yaml",
-            train_size=32, sample_size=64, steps=1, warmup=1, ddim=2, runs=1,
+            train_size=32, sample_size=64, steps=1, warmup=1, ddim=2, solver=2, runs=1,
             subject="2 class images, 4 steps", equal_classes=2, equal_steps=3,
             e2e=["data.size=32", "prior.num_class_images=2", "prior.ddim_steps=2",
                  "train.max_steps=4", "train.val_every=2", "train.sample.every=2",
@@ -55,7 +55,7 @@ def settings(opt) -> dict:
     return dict(
         base="configs/dreambooth/v1-finetune_unfrozen.yaml",
         sample="configs/stable-diffusion/v1-inference.yaml",
-        train_size=512, sample_size=512, steps=5, warmup=2, ddim=50, runs=2,
+        train_size=512, sample_size=512, steps=5, warmup=2, ddim=50, solver=25, runs=2,
         subject="200 class images, 800 steps, main.py's defaults", equal_classes=4, equal_steps=30,
         e2e=[],
     )  # fmt: skip
@@ -84,6 +84,11 @@ def plan(opt, ckpt: Path, work: Path) -> list[Job]:
     sample += ["--batch", "1", *map(str, opt.class_batch), *dev]
     for mode, extra in (("eager", []), ("captured", ["--capture"])):
         jobs.append(Job(("sample", "", mode), "scripts/bench_sample.py", sample + extra, 240, 2))
+    # The fine-tuning configs' class-image sampler (DPM-Solver++, half DDIM's steps), captured.
+    argv = [*sample[: sample.index("--steps")], "--runs", str(s["runs"]), *dev, "--capture"]
+    argv += ["--sampler", "dpmpp_2m", "--steps", str(s["solver"]), "--batch"]
+    argv += [str(batch) for batch in opt.class_batch]
+    jobs.append(Job(("sample", "dpmpp_2m", "captured"), "scripts/bench_sample.py", argv, 240, 3))
     e2e = ["--base", s["base"], "-t", "--actual_resume", str(ckpt), "--data_root", "data/demo/dog"]
     e2e += ["--class_word", "dog", *dev, *s["e2e"]]
     for mode, priority in (("captured", 3), ("eager", 8))[: 1 if opt.tiny else 2]:

@@ -107,14 +107,14 @@ class Report:
 
         return self.cell(("train", label, mode), read)
 
-    def sample(self, batch: int, mode: str) -> str:
+    def sample(self, batch: int, mode: str, sampler: str = "") -> str:
         def read(result: Result) -> str:
             row = next(r for r in table_rows(result.out) if r["batch"] == str(batch))
             s_per_image = float(row["s/image"])
             value = f"{s_per_image:.3f}" if batch == 1 else f"{1 / s_per_image:.2f}"
             return f"{value} ({row['peak GiB']})"
 
-        return self.cell(("sample", "", mode), read)
+        return self.cell(("sample", sampler, mode), read)
 
     def e2e(self, mode: str) -> str:
         def read(result: Result) -> str:
@@ -152,6 +152,11 @@ class Report:
             cells = [self.sample(batch, m) for m in ("eager", "captured", "diffusers")]
             setting = f"batch {batch}, {s['ddim']} DDIM steps + guidance, {s['sample_size']} px"
             lines.append(f"| {what} (peak GiB): {setting} | {' | '.join(cells)} |")
+        if any(key[:2] == ("sample", "dpmpp_2m") for key in self.results):
+            for batch in opt.class_batch:
+                cell = self.sample(batch, "captured", "dpmpp_2m")
+                setting = f"batch {batch}, {s['solver']} DPM-Solver++ steps + guidance, {s['sample_size']} px"
+                lines.append(f"| class images/s (peak GiB): {setting} | - | {cell} | - |")
         cells = [self.e2e("eager"), self.e2e("captured"), "-"]
         lines.append(
             f"| time to trained subject, s (class images, s): {s['subject']} | {' | '.join(cells)} |"

@@ -143,6 +143,8 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     for key in ("sample s/image", "class images/s"):
         cells = next(v for k, v in rows.items() if k.startswith(key))
         assert all(re.fullmatch(number, c) for c in cells[:2]), cells
+    solver = rows["class images/s (peak GiB): batch 2, 2 DPM-Solver++ steps + guidance, 64 px"]
+    assert re.fullmatch(number, solver[1]), solver  # the fine-tuning configs' sampler
     subject = next(v for k, v in rows.items() if k.startswith("time to trained subject"))
     assert re.fullmatch(r"[0-9]+ \([0-9]+\)", subject[1])  # total (class images)
     assert diffusers == "no diffusers" or re.fullmatch(number, diffusers)
