@@ -10,16 +10,19 @@ they store the model, in fp16 by default), the adapters' EMA (there is no `model
 of adapters has no place in the SD layout) and the UNet LitEma's state.
 """
 
+import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 
 from ldm.checkpoint import CheckpointError, half_precision
 from ldm.modules.ema import LitEma
 from ldm.modules.lora import Adapter, adapter_state, adapters_of_state, merge
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
 
 ADAPTER = "default"  # peft's name for a model's one adapter
 
@@ -45,6 +48,8 @@ def add_adapters(
         if any(name == t or name.endswith(f".{t}") for t in targets)
         and not any(id(p) in skip for p in layer.parameters())
     ]
+    from peft import LoraConfig, inject_adapter_in_model  # only LoRA runs pay its import (seconds)
+
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -58,12 +63,16 @@ def add_adapters(
     return [p for n, p in module.named_parameters() if ".lora_" in n]
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+def lora_layers(model: nn.Module) -> "dict[str, LoraLayer]":
     """SD module path (e.g. model.diffusion_model.<...>.attn1.to_q) -> its LoRA layer."""
+    if "peft" not in sys.modules:
+        return {}  # no adapter exists before peft is imported
+    from peft.tuners.lora import LoraLayer
+
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def _weights(layer: LoraLayer) -> tuple[nn.Parameter, nn.Parameter]:
+def _weights(layer: "LoraLayer") -> tuple[nn.Parameter, nn.Parameter]:
     return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
 
 
