@@ -76,6 +76,9 @@ def test_environment_faults_are_one_line(tmp_path, class_root, capsys, monkeypat
     )
     err = one_line_error(capsys, [*base, *small])
     assert "last.ckpt: not enough disk space: it needs" in err
+    # The same from the background writer (train.async_save): raised at the next save point.
+    background = [*base, *small, "train.async_save=true", "train.save_every=2"]
+    assert "last.ckpt: not enough disk space: it needs" in one_line_error(capsys, background)
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -1,12 +1,16 @@
 """The run folder: lean step and best checkpoints, keep_last, resume from a lean checkpoint,
-metrics.csv on resume, leftovers of killed and failed runs, one folder per run."""
+metrics.csv on resume, leftovers of killed and failed runs, one folder per run, saving in the
+background."""
 
 import os
+import threading
+import time
 
 import torch
 
 import main
 from ldm.checkpoint import load_model_from_config
+from ldm.train import saving
 from ldm.train import state as run_state
 from ldm.train.state import claim_run_dir
 
@@ -127,3 +131,70 @@ def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_no_folder(
     err = capsys.readouterr().err
     assert err.startswith("error: model:") and "num_classes" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_background_saving_writes_what_the_loop_would(tmp_path, class_root, monkeypatch):
+    """train.async_save: every file of every save point is what the loop writes itself, bitwise
+    (the config aside, which names the switch), although the writer is slow and training goes
+    on changing the weights while it writes."""
+    writers = []
+
+    def slow(payload, path, real=saving.save_checkpoint):
+        writers.append(threading.current_thread().name)
+        time.sleep(0.3)
+        real(payload, path)
+
+    monkeypatch.setattr(saving, "save_checkpoint", slow)
+    # Best at 1 (in memory), 2 (a save point: linked), 3 (in memory, written at 4). fp32 step
+    # files: made of the live weights (an fp16 file is a copy anyway).
+    extra = ("train.max_steps=5", "train.save_every=2", "train.val_every=1", "train.keep_last=3")
+    extra += ("train.lean_fp16=false",)
+    files = {}
+    for switch in ("false", "true"):
+        scripted_validation(monkeypatch, {1: 5.0, 2: 4.0, 3: 3.0, 4: 6.0, 5: 7.0})
+        logdir = tmp_path / switch
+        assert train_cli(logdir, class_root, *extra, f"train.async_save={switch}") == 0
+        ckpts = only_run(logdir) / "checkpoints"
+        files[switch] = {p.name: load(p) for p in sorted(ckpts.iterdir())}
+    assert set(writers) == {"MainThread", "checkpoints"}
+    assert list(files["true"]) == ["best.ckpt", "last.ckpt"] + [
+        f"step=00000{n}.ckpt" for n in (2, 4, 5)
+    ]
+    assert list(files["false"]) == list(files["true"])
+    for name, payload in files["true"].items():
+        expected = {k: v for k, v in files["false"][name].items() if k != "config"}
+        assert_equal({k: v for k, v in payload.items() if k != "config"}, expected, name)
+
+
+def assert_equal(a, b, where: str) -> None:
+    """Nested dicts, lists and tensors equal, tensors bitwise."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal(a[key], b[key], f"{where}: {key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_background_saving_without_room_for_the_copy_saves_in_the_loop(
+    tmp_path, class_root, monkeypatch, capsys
+):
+    writers = []
+
+    def spy(payload, path, real=saving.save_checkpoint):
+        writers.append(threading.current_thread().name)
+        real(payload, path)
+
+    monkeypatch.setattr(saving, "save_checkpoint", spy)
+    monkeypatch.setattr(saving, "available_memory", lambda: 1000)
+    extra = ("train.max_steps=4", "train.save_every=2", "train.async_save=true")
+    assert train_cli(tmp_path, class_root, *extra) == 0
+    assert writers and set(writers) == {"MainThread"}
+    assert capsys.readouterr().out.count("saving in the loop instead") == 1

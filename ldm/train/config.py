@@ -146,6 +146,8 @@ class TrainConfig:
     keep_last: int = 2  # step-numbered checkpoints kept
     lean_fp16: bool = True  # step-numbered and best checkpoints: weights in fp16 (else fp32)
     full_state_steps: bool = False  # step-numbered checkpoints hold the optimizer state too
+    # Save points write from a host copy in a background thread (ldm/train/saving.py); None: on CUDA
+    async_save: bool | None = None
     max_nonfinite_steps: int = 20  # consecutive skipped steps before the run stops
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -144,9 +144,9 @@ def train(
         if env.is_main:
             run.write_config(cfg)
         state = session.state
-        saver = RunCheckpoints(
-            run, cfg, session.frozen_state, (Path(resume.path), start) if resume else None
-        )
+        background = tc.async_save if tc.async_save is not None else env.device.type == "cuda"
+        good = (Path(resume.path), start) if resume else None
+        saver = RunCheckpoints(run, cfg, session.frozen_state, good, background, logger.message)
         postponed = False
         if tc.sample.every and tc.sample.at_start and state.step == 0 and env.is_main:
             log_samples(cfg, run, session, logger)  # the "before" grid
@@ -154,6 +154,7 @@ def train(
             logger.step(train_step(session, cfg, env))
             if state.nonfinite_run >= tc.max_nonfinite_steps:
                 logger.flush(state.step, env.device)
+                saver.wait()  # the newest good checkpoint is on disk before it is named
                 raise TrainingError(nonfinite_message(state, saver.good))
             stopping = stop.requested(env)
             new_best = periodic(cfg, env, run, session, logger, stopping)
@@ -173,6 +174,8 @@ def train(
                 rng = distributed.gather_objects(rng_state(), env)
                 if env.is_main:
                     saver.save(session, numbered and state.nonfinite_run == 0, rng)
+                    if final:
+                        saver.wait()
             if stopping:
                 logger.message(f"stop signal: saved {run.last} at step {state.step}")
                 break
