@@ -155,7 +155,8 @@ class Report:
         if any(key[:2] == ("sample", "dpmpp_2m") for key in self.results):
             for batch in opt.class_batch:
                 cell = self.sample(batch, "captured", "dpmpp_2m")
-                setting = f"batch {batch}, {s['solver']} DPM-Solver++ steps + guidance, {s['sample_size']} px"
+                setting = f"batch {batch}, {s['solver']} DPM-Solver++ steps + guidance"
+                setting += f", {s['sample_size']} px"
                 lines.append(f"| class images/s (peak GiB): {setting} | - | {cell} | - |")
         cells = [self.e2e("eager"), self.e2e("captured"), "-"]
         lines.append(

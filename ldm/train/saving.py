@@ -13,7 +13,6 @@
   one saved at a finite state, the "last good checkpoint" a non-finite stop names.
 - A LoRA run's files hold the merged weights in `state_dict` and its adapters in `lora`
   (ldm/train/lora.py); a best between save points keeps its adapters in host memory.
-
 - With `train.async_save` (default: on CUDA) a save point copies what it writes to host memory
   and a background thread writes it while training goes on; the next save point, the end, a stop
   signal and a non-finite stop wait for it first (and raise its error). It costs a host copy of

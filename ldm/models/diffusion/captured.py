@@ -1,9 +1,10 @@
 """Samplers with their guided UNet call replayed from a CUDA graph (`--capture`, `train.capture`).
 
-A DDIM or DPM-Solver++ step is one batched UNet forward of [uncond, cond] plus a few elementwise operations.
-The forward is hundreds of small kernels: at batch 1 on a large GPU, launching them costs more
-than running them. Here the guided call (cat, UNet, chunk, e_u + s (e_c - e_u)) is recorded once
-per batch shape and replayed at every step; the sampler's update around it stays as it is.
+A DDIM or DPM-Solver++ step is one batched UNet forward of [uncond, cond] plus a few elementwise
+operations. The forward is hundreds of small kernels: at batch 1 on a large GPU, launching them
+costs more than running them. Here the guided call (cat, UNet, chunk, e_u + s (e_c - e_u)) is
+recorded once per batch shape and replayed at every step; the sampler's update around it stays
+as it is.
 
 Graphs are kept per model (one per shape, dtype, scale and precision) until `release_graphs`:
 a graph reads the weights in place, so it follows training, but keeps its own activation memory.
