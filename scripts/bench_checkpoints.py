@@ -2,6 +2,7 @@
 
     python scripts/bench_checkpoints.py                      # SD v1, 800 steps, the defaults
     python scripts/bench_checkpoints.py train.lean_fp16=false
+    python scripts/bench_checkpoints.py --step_seconds 0.055 train.async_save=true  # the pauses
 
 Random full-size weights (no checkpoint needed) and AdamW state of the real size (zeros, as the
 bytes are what counts), the demo photos at `data.size=64`. The loop (`ldm.train.loop.train`) runs
@@ -9,12 +10,17 @@ as main.py runs it, save schedule, validation and all, except that a training st
 the step counter and the validation loss follows a script: `improving` (a new best at every
 validation) or `worst` (bests between save points, so best.ckpt must be written from memory at
 each save point). It counts every byte written by `ldm.checkpoint` and, at the end, the bytes
-the checkpoints folder keeps, in units of one full training checkpoint (last.ckpt).
+the checkpoints folder keeps, in units of one full training checkpoint (last.ckpt), and the
+seconds the loop stood still for saving (in `RunCheckpoints.save` and `.wait`). A step takes
+`--step_seconds` (a sleep standing in for a GPU step), the time a background save
+(`train.async_save=true`) has to hide its write in.
 """
 
 import argparse
+import functools
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +30,7 @@ from ldm.train import loop
 from ldm.train.config import load_config
 from ldm.train.distributed import DistEnv
 from ldm.train.evaluation import Validation
+from ldm.train.saving import RunCheckpoints
 from ldm.train.state import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +41,10 @@ SCRIPTS = {
 }
 
 
-def fake_step(session, cfg, env) -> dict:
-    """The step counter only: what is saved does not depend on the weights' values."""
+def fake_step(session, cfg, env, seconds: float = 0.0) -> dict:
+    """The step counter only (what is saved does not depend on the weights' values), taking
+    `seconds`."""
+    time.sleep(seconds)
     session.state.step += 1
     return {"step": session.state.step, "loss": 0.0, "loss_instance": 0.0, "lr": 0.0}
 
@@ -51,8 +60,26 @@ def fill_optimizer_state(optimizer) -> None:
             }
 
 
-def measure(base: str, overrides: list[str], script: list[float]) -> dict:
+def timed(method, paused: dict):
+    """`method`, adding its time to paused["s"] (calls from inside it are not counted twice)."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        paused["depth"] += 1
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            paused["depth"] -= 1
+            if paused["depth"] == 0:
+                paused["s"] += time.perf_counter() - start
+
+    return run
+
+
+def measure(base: str, overrides: list[str], script: list[float], step_seconds: float) -> dict:
     written = {"bytes": 0, "files": 0}
+    paused = {"s": 0.0, "depth": 0}
     atomic_write = ldm.checkpoint._atomic_write
 
     def counting_write(path, write, nbytes=0):
@@ -71,7 +98,9 @@ def measure(base: str, overrides: list[str], script: list[float]) -> dict:
 
     patches = [
         (ldm.checkpoint, "_atomic_write", counting_write),
-        (loop, "train_step", fake_step),
+        (loop, "train_step", functools.partial(fake_step, seconds=step_seconds)),
+        (RunCheckpoints, "save", timed(RunCheckpoints.save, paused)),
+        (RunCheckpoints, "wait", timed(RunCheckpoints.wait, paused)),
         (loop, "setup", setup_with_state),
         (Validation, "loss", lambda self, model, precision: next(losses)),
     ]
@@ -92,13 +121,14 @@ def measure(base: str, overrides: list[str], script: list[float]) -> dict:
         for obj, name, value in saved:
             setattr(obj, name, value)
     return {"full_gb": full / 1e9, "kept": kept / full, "written": written["bytes"] / full,
-            "writes": written["files"], "sizes": sizes}  # fmt: skip
+            "writes": written["files"], "sizes": sizes, "paused": paused["s"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default=str(ROOT / "configs/dreambooth/v1-finetune_unfrozen.yaml"))
     p.add_argument("--scripts", default="improving,worst", help="validation scripts to run")
+    p.add_argument("--step_seconds", type=float, default=0.0, help="each (fake) step's time")
     args, extra = p.parse_known_args(argv)
     overrides = [
         f"data.instance_root={ROOT / 'data' / 'demo' / 'dog'}",
@@ -109,14 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         "train.val_timesteps=1",
         *extra,
     ]
-    print("| validation | full checkpoint | kept | written | files written | each file / full |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| validation | full checkpoint | kept | written | files written | each file / full "
+        "| loop paused for saving, s |\n|---|---|---|---|---|---|---|"
+    )
     for name in args.scripts.split(","):
-        r = measure(args.base, overrides, SCRIPTS[name])
+        r = measure(args.base, overrides, SCRIPTS[name], args.step_seconds)
         each = ", ".join(f"{n} {x:.2f}x" for n, x in r["sizes"].items())
         print(
             f"| {name} | {r['full_gb']:.2f} GB | {r['kept']:.2f}x | {r['written']:.2f}x | "
-            f"{r['writes']} | {each} |",
+            f"{r['writes']} | {each} | {r['paused']:.1f} |",
             flush=True,
         )
     return 0

@@ -3,6 +3,7 @@ defined behaviour), never a traceback; an internal bug keeps its traceback."""
 
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import main
 from ldm.checkpoint import SaveError, save_checkpoint
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.train import prior
+from ldm.train import prior, saving
 from ldm.train.distributed import DistEnv
 from ldm.train.logger import RunLogger
 from ldm.train.optim import effective_lr
@@ -76,9 +77,23 @@ def test_environment_faults_are_one_line(tmp_path, class_root, capsys, monkeypat
     )
     err = one_line_error(capsys, [*base, *small])
     assert "last.ckpt: not enough disk space: it needs" in err
-    # The same from the background writer (train.async_save): raised at the next save point.
-    background = [*base, *small, "train.async_save=true", "train.save_every=2"]
-    assert "last.ckpt: not enough disk space: it needs" in one_line_error(capsys, background)
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_save_point(
+    tmp_path, class_root, capsys, monkeypatch
+):
+    """train.async_save: the step-2 save fails in its thread; the step-3 (final) save, written in
+    the loop, would succeed, but the run ends with the background write's one line."""
+
+    def failing_in_the_background(payload, path, real=saving.save_checkpoint):
+        if threading.current_thread().name == "checkpoints":
+            raise SaveError(f"{path}: not enough disk space (in the background)")
+        real(payload, path)
+
+    monkeypatch.setattr(saving, "save_checkpoint", failing_in_the_background)
+    argv = ["-b", str(TINY), "-t", "-l", str(tmp_path / "logs"), *small_overrides(class_root)]
+    err = one_line_error(capsys, [*argv, "train.async_save=true", "train.save_every=2"])
+    assert "last.ckpt: not enough disk space (in the background)" in err
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -173,9 +173,7 @@ def train(
             if save:
                 rng = distributed.gather_objects(rng_state(), env)
                 if env.is_main:
-                    saver.save(session, numbered and state.nonfinite_run == 0, rng)
-                    if final:
-                        saver.wait()
+                    saver.save(session, numbered and state.nonfinite_run == 0, rng, final)
             if stopping:
                 logger.message(f"stop signal: saved {run.last} at step {state.step}")
                 break

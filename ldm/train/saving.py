@@ -13,10 +13,11 @@
   one saved at a finite state, the "last good checkpoint" a non-finite stop names.
 - A LoRA run's files hold the merged weights in `state_dict` and its adapters in `lora`
   (ldm/train/lora.py); a best between save points keeps its adapters in host memory.
-- With `train.async_save` (default: on CUDA) a save point copies what it writes to host memory
-  and a background thread writes it while training goes on; the next save point, the end, a stop
-  signal and a non-finite stop wait for it first (and raise its error). It costs a host copy of
-  one full checkpoint; the files and their order are the same as written in the loop.
+- With `train.async_save` (default: on CUDA) a save point before the last copies what it writes
+  to host memory and a background thread writes it while training goes on; the next save point
+  (the end's and a stop signal's are written in the loop) and a non-finite stop wait for it
+  first (and raise its error). It costs a host copy of one full checkpoint; the files and
+  their order are the same as written in the loop.
 
 For full-size SD v1 (fp32 weights 4.26 GB, AdamW moments of the UNet 6.88 GB) a full checkpoint
 is ~11.1 GB and a lean fp16 one ~2.1 GB; README "Run folder" has the measured totals.
@@ -69,9 +70,10 @@ class RunCheckpoints:
             }
             self.best_lora = adapter_entry(session.model, session.ema, session.text_ema)
 
-    def save(self, session, numbered: bool, rng: list) -> None:
+    def save(self, session, numbered: bool, rng: list, final: bool = False) -> None:
         """last.ckpt; step=N.ckpt when `numbered`; then a pending best. In the background
-        (after the previous write is done) when `background`."""
+        (after the previous write is done) when `background`, except the `final` save, which
+        the run waits for anyway (a host copy would only add to it)."""
         self.wait()
         s, tc, step = session, self.cfg.train, session.state.step
         state = asdict(s.state)
@@ -86,9 +88,9 @@ class RunCheckpoints:
         best = self._best(step, model_state, lora, state, link=numbered and not tc.full_state_steps)
         files = (full, step_file, best, step, s.state.nonfinite_run == 0)
         frozen = {id(t) for t in self.frozen_state.values()}  # never change: not copied
-        if self.background and not self._room_for_a_copy(files):
+        if self.background and not final and not self._room_for_a_copy(files):
             self.background = False
-        if not self.background:
+        if not self.background or final:
             self._write(*files)
             return
         self.writer = threading.Thread(
