@@ -54,15 +54,10 @@ class Captured:
         return guided
 
 
-class CapturedDDIMSampler(Captured, DDIMSampler):
-    pass
-
-
-class CapturedDPMSolverSampler(Captured, DPMSolverSampler):
-    pass
-
-
-CAPTURED = {"ddim": CapturedDDIMSampler, "dpmpp_2m": CapturedDPMSolverSampler}
+# Each sampler's graphed twin (CapturedDDIMSampler, CapturedDPMSolverSampler).
+CAPTURED = {
+    kind: type(f"Captured{cls.__name__}", (Captured, cls), {}) for kind, cls in SAMPLERS.items()
+}
 
 
 def make_sampler(model, kind: str = "ddim", capture: bool = False, precision: str = "full"):

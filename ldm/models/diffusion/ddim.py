@@ -11,6 +11,7 @@ from ldm.modules.diffusionmodules.util import (
 
 class DDIMSampler:
     """Wraps a LatentDiffusion model; `sample` returns latents and the intermediate x0 guesses.
+    A subclass with another update rule (DPM-Solver++) supplies `make_schedule` and `step`.
 
     Deterministic given `x_T` and a `generator` (the generator is only drawn from on the CPU, so a
     seed gives the same start noise on every device).
@@ -71,11 +72,11 @@ class DDIMSampler:
         intermediates = {"x_inter": [x], "pred_x0": [x]}
         time_range = self.ddim_timesteps[::-1]
         total = len(time_range)
-        iterator = tqdm(time_range, desc="DDIM sampler", total=total, disable=not verbose)
+        iterator = tqdm(time_range, desc=self.description, total=total, disable=not verbose)
         for i, step in enumerate(iterator):
             index = total - i - 1
             ts = torch.full((batch_size,), int(step), device=device, dtype=torch.long)
-            x, pred_x0 = self.p_sample_ddim(
+            x, pred_x0 = self.step(
                 x,
                 conditioning,
                 ts,
@@ -137,3 +138,6 @@ class DDIMSampler:
             noise = torch.randn(x.shape, generator=generator).to(x.device)
             x_prev = x_prev + sigma_t * noise * temperature
         return x_prev, pred_x0
+
+    description = "DDIM sampler"  # the progress bar's
+    step = p_sample_ddim  # one step of `sample`: x_t -> (x_{t-1}, pred_x0)

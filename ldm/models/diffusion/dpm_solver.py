@@ -18,7 +18,6 @@ import math
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
 
@@ -33,14 +32,18 @@ def solver_timesteps(num_steps: int, num_timesteps: int) -> np.ndarray:
 
 
 class DPMSolverSampler(DDIMSampler):
-    """DDIMSampler's interface and guided model call, with the DPM-Solver++(2M) update.
+    """DDIMSampler's interface, loop and guided model call, with the DPM-Solver++(2M) update.
 
     Deterministic: `eta` must be 0 (the solver follows the ODE; DDIM's eta adds noise).
     """
 
-    def make_schedule(self, ddim_num_steps: int) -> None:
+    description = "DPM-Solver++ sampler"
+
+    def make_schedule(self, ddim_num_steps: int, ddim_eta: float = 0.0) -> None:
         """(alpha, sigma, lambda) per step as host floats in float64: no device sync per step.
         Entry S is the end point, t = 0 fully denoised: alpha 1, sigma 0, lambda +inf."""
+        if ddim_eta != 0.0:
+            raise ValueError(f"eta {ddim_eta}: DPM-Solver++ is deterministic; eta > 0 needs DDIM")
         self.ddim_timesteps = solver_timesteps(ddim_num_steps, self.ddpm_num_timesteps)
         alphas_cumprod = self.model.alphas_cumprod.double().cpu()
         self.alphas, self.sigmas, self.lambdas = [], [], []
@@ -53,57 +56,30 @@ class DPMSolverSampler(DDIMSampler):
         self.alphas.append(1.0)
         self.sigmas.append(0.0)
         self.lambdas.append(math.inf)
+        self.previous = None  # the data prediction of the step before
 
     @torch.no_grad()
-    def sample(
+    def step(
         self,
-        S: int,
-        batch_size: int,
-        shape: tuple[int, int, int],
-        conditioning=None,
-        callback=None,
-        img_callback=None,
-        eta: float = 0.0,
+        x: torch.Tensor,
+        c,
+        t: torch.Tensor,
+        index: int,
         temperature: float = 1.0,
-        x_T: torch.Tensor | None = None,
-        log_every_t: int = 100,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning=None,
-        verbose: bool = True,
         generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, dict]:
-        """Sample latents [batch_size, *shape] in S solver steps (S UNet calls); the arguments
-        are DDIMSampler.sample's. `callback(i)` and `img_callback(pred_x0, i)` follow step i."""
-        if eta != 0.0:
-            raise ValueError(f"eta {eta}: DPM-Solver++ is deterministic; eta > 0 needs DDIM")
-        self.make_schedule(S)
-        device = self.model.betas.device
-        if x_T is None:
-            x_T = torch.randn((batch_size, *shape), generator=generator)
-        x = x_T.to(device=device, dtype=torch.float32)
-        intermediates = {"x_inter": [x], "pred_x0": [x]}
-        time_range = self.ddim_timesteps[::-1]
-        total = len(time_range)
-        previous = None  # the data prediction of the step before
-        iterator = tqdm(time_range, desc="DPM-Solver++ sampler", total=total, disable=not verbose)
-        for i, step in enumerate(iterator):
-            ts = torch.full((batch_size,), int(step), device=device, dtype=torch.long)
-            model_output = self.guided_model_output(
-                x, ts, conditioning, unconditional_guidance_scale, unconditional_conditioning
-            )
-            pred_x0 = self.data_prediction(x, model_output, i)
-            last = i == total - 1
-            x = self.update(x, pred_x0, None if last else previous, i)
-            previous = pred_x0
-            if callback is not None:
-                callback(i)
-            if img_callback is not None:
-                img_callback(pred_x0, i)
-            index = total - i - 1
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(x)
-                intermediates["pred_x0"].append(pred_x0)
-        return x, intermediates
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step i = S - 1 - index of `sample` (DDIMSampler's loop and arguments): one guided
+        UNet call, then the update from this and the previous step's data predictions."""
+        i = len(self.ddim_timesteps) - 1 - index
+        model_output = self.guided_model_output(
+            x, t, c, unconditional_guidance_scale, unconditional_conditioning
+        )
+        pred_x0 = self.data_prediction(x, model_output, i)
+        x = self.update(x, pred_x0, None if index == 0 else self.previous, i)
+        self.previous = pred_x0
+        return x, pred_x0
 
     def data_prediction(self, x: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
         """x0 from the model's output at step i: (x - sigma eps) / alpha, or alpha x - sigma v."""
